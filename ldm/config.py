@@ -1,0 +1,285 @@
+"""Typed model configuration, read from CompVis-style inference YAML.
+
+The YAML schema is the one the original Stable Diffusion repositories ship (``model.params.unet_config``
+and friends). ``target:`` strings are recognised against a fixed table and never imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A model configuration is malformed or incomplete."""
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    num_res_blocks: int = 2
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_heads: int = 8
+    num_head_channels: int = -1
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False
+    use_checkpoint: bool = False
+    legacy: bool = False
+    dropout: float = 0.0
+
+    def heads_and_dim(self, channels: int) -> tuple[int, int]:
+        """Number of heads and head width for a transformer at ``channels`` (openaimodel rules)."""
+        if self.num_head_channels == -1:
+            heads = self.num_heads
+            dim_head = channels // heads
+        else:
+            heads = channels // self.num_head_channels
+            dim_head = self.num_head_channels
+        if self.legacy:  # legacy: the head width was the channel count divided by heads
+            dim_head = channels // heads
+        return heads, dim_head
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    embed_dim: int = 4
+    z_channels: int = 4
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    dropout: float = 0.0
+    double_z: bool = True
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """``kind`` is ``clip`` (SD1, transformers CLIPTextModel) or ``openclip`` (SD2, open_clip tower)."""
+
+    kind: str = "clip"
+    layer: str = "last"  # "last" (SD1) or "penultimate" (SD2)
+    max_length: int = 77
+    vocab_size: int = 49408
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    projection_dim: int = 768
+    pad_token_id: int = 49407  # SD1 pads with <|endoftext|>, SD2 (open_clip) with 0
+
+    def skip_layers(self) -> int:
+        """How many final transformer blocks the conditioning skips (0 = last block's output)."""
+        if self.layer == "last":
+            return 0
+        if self.layer == "penultimate":
+            return 1
+        raise ConfigError(f"cond_stage_config.params.layer must be last or penultimate, "
+                          f"got {self.layer!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+    beta_schedule: str = "linear"  # CompVis "linear" is diffusers' "scaled_linear"
+    scale_factor: float = 0.18215
+    parameterization: str = "eps"  # "eps" or "v"
+    conditioning_key: str = "crossattn"  # "hybrid" for 9-channel inpainting models
+    image_size: int = 64  # latent size the model was trained at
+    channels: int = 4
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.conditioning_key == "hybrid" and self.unet.in_channels == 9
+
+    @property
+    def default_image_size(self) -> int:
+        return self.image_size * self.autoencoder.downscale
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Recognised ``target:`` strings (never imported; see module docstring).
+_LDM_TARGETS = {
+    "ldm.models.diffusion.ddpm.LatentDiffusion": "crossattn",
+    "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": "hybrid",
+}
+_UNET_TARGETS = {"ldm.modules.diffusionmodules.openaimodel.UNetModel"}
+_VAE_TARGETS = {"ldm.models.autoencoder.AutoencoderKL"}
+_TEXT_TARGETS = {
+    "ldm.modules.encoders.modules.FrozenCLIPEmbedder": "clip",
+    "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": "openclip",
+}
+# OpenCLIP towers by architecture name (text part of open_clip's model configs).
+OPENCLIP_TEXT_ARCHS = {
+    "ViT-H-14": dict(width=1024, layers=24, heads=16, projection_dim=1024),
+    "ViT-bigG-14": dict(width=1280, layers=32, heads=20, projection_dim=1280),
+}
+
+
+def _section(tree: dict, path: str) -> Any:
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"missing field '{path}'")
+        node = node[part]
+    return node
+
+
+def _check_target(section: dict, path: str, allowed) -> str:
+    target = section.get("target")
+    if target not in allowed:
+        raise ConfigError(f"'{path}.target' is {target!r}; expected one of {sorted(allowed)}")
+    return target
+
+
+def _build(cls, params: dict, path: str, renames: dict[str, str] | None = None, ignore=()):
+    """Construct a config dataclass from a params dict, naming unknown or mistyped fields."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (params or {}).items():
+        key = (renames or {}).get(key, key)
+        if key in ignore:
+            continue
+        if key not in names:
+            raise ConfigError(f"unknown field '{path}.{key}'")
+        default = names[key].default
+        if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"'{path}.{key}' must be a list, got {value!r}")
+            value = tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"'{path}.{key}' must be true or false, got {value!r}")
+        elif isinstance(default, (int, float)) and default is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"'{path}.{key}' must be a number, got {value!r}")
+            value = type(default)(value) if isinstance(default, float) else value
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+# CompVis fields that describe training or logging only.
+_LDM_IGNORED = {
+    "base_learning_rate", "num_timesteps_cond", "log_every_t", "first_stage_key", "cond_stage_key",
+    "cond_stage_trainable", "monitor", "use_ema", "finetune_keys", "concat_keys", "masked_image_key",
+    "use_ema", "ckpt_path", "ignore_keys", "load_ema", "scheduler_config", "cond_stage_forward",
+    "unet_trainable", "ucg_training", "reset_ema", "reset_num_ema_updates", "loss_type",
+    "learn_logvar", "logvar_init", "l_simple_weight", "original_elbo_weight", "v_posterior",
+    "use_positional_encodings", "make_it_fit", "low_scale_key", "noise_aug_config",
+}
+_UNET_IGNORED = {"image_size", "use_fp16", "use_spatial_transformer", "num_heads_upsample",
+                 "conv_resample", "dims", "resblock_updown", "use_scale_shift_norm",
+                 "use_new_attention_order", "num_classes", "n_embed", "disable_self_attentions",
+                 "num_attention_blocks", "disable_middle_self_attn", "spatial_transformer_attn_type",
+                 "adm_in_channels"}
+
+
+def _text_config(section: dict) -> TextEncoderConfig:
+    kind = _TEXT_TARGETS[_check_target(section, "model.params.cond_stage_config", _TEXT_TARGETS)]
+    params = dict(section.get("params") or {})
+    params.pop("freeze", None)
+    params.pop("device", None)
+    params.pop("version", None)  # a hub name in CompVis configs; weights come from the checkpoint
+    path = "model.params.cond_stage_config.params"
+    if kind == "openclip":
+        arch = params.pop("arch", "ViT-H-14")
+        if arch not in OPENCLIP_TEXT_ARCHS:
+            raise ConfigError(f"'{path}.arch' is {arch!r}; known: {sorted(OPENCLIP_TEXT_ARCHS)}")
+        base = dict(OPENCLIP_TEXT_ARCHS[arch], act="gelu", pad_token_id=0, layer="penultimate")
+        base.update(params)
+        return _build(TextEncoderConfig, {**base, "kind": "openclip"}, path)
+    return _build(TextEncoderConfig, {**params, "kind": "clip"}, path)
+
+
+def parse_config(tree: dict, source: str = "config") -> ModelConfig:
+    """Turn a CompVis YAML tree into a :class:`ModelConfig`; errors name the offending field."""
+    try:
+        model = _section(tree, "model")
+        conditioning = _LDM_TARGETS[_check_target(model, "model", _LDM_TARGETS)]
+        params = dict(_section(tree, "model.params"))
+        unet_sec = _section(tree, "model.params.unet_config")
+        _check_target(unet_sec, "model.params.unet_config", _UNET_TARGETS)
+        unet = _build(UNetConfig, _section(unet_sec, "params"), "model.params.unet_config.params",
+                      ignore=_UNET_IGNORED)
+        vae_sec = _section(tree, "model.params.first_stage_config")
+        _check_target(vae_sec, "model.params.first_stage_config", _VAE_TARGETS)
+        vae_params = _section(vae_sec, "params")
+        ddconfig = dict(_section(tree, "model.params.first_stage_config.params.ddconfig"))
+        ddconfig["embed_dim"] = _section(vae_params, "embed_dim")
+        vae = _build(AutoencoderConfig, ddconfig, "model.params.first_stage_config.params.ddconfig")
+        text = _text_config(_section(tree, "model.params.cond_stage_config"))
+        for key in ("unet_config", "first_stage_config", "cond_stage_config"):
+            params.pop(key)
+        params.setdefault("conditioning_key", conditioning)
+        cfg = _build(ModelConfig, params, "model.params", ignore=_LDM_IGNORED)
+        cfg = cfg.replace(unet=unet, autoencoder=vae, text=text)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: ModelConfig, source: str = "config") -> None:
+    def bad(msg):
+        raise ConfigError(f"{source}: {msg}")
+
+    if cfg.parameterization not in ("eps", "v"):
+        bad(f"model.params.parameterization must be 'eps' or 'v', got {cfg.parameterization!r}")
+    if cfg.conditioning_key not in ("crossattn", "hybrid"):
+        bad(f"model.params.conditioning_key must be crossattn or hybrid, got {cfg.conditioning_key!r}")
+    if cfg.unet.context_dim != cfg.text.width:
+        bad(f"unet_config.params.context_dim ({cfg.unet.context_dim}) != text encoder width "
+            f"({cfg.text.width})")
+    if cfg.unet.num_head_channels == -1 and cfg.unet.num_heads < 1:
+        bad("unet_config.params needs num_heads or num_head_channels")
+    for i, mult in enumerate(cfg.unet.channel_mult):
+        if (cfg.unet.model_channels * mult) % 32:
+            bad(f"unet_config.params: channels at level {i} must be a multiple of 32 (GroupNorm)")
+    if cfg.conditioning_key == "hybrid" and cfg.unet.in_channels != 9:
+        bad("an inpainting model (conditioning_key hybrid) needs unet in_channels 9")
+    cfg.text.skip_layers()
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: not a model configuration (expected a mapping with 'model')")
+    return parse_config(tree, str(path))
+
+
+def builtin_config(name: str) -> ModelConfig:
+    """A config shipped in ``configs/`` by file stem, e.g. ``v1-inference``."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"no built-in config {name!r}; known: {', '.join(known)}")
+    return load_config(path)

@@ -1,0 +1,170 @@
+"""The Stable Diffusion UNet (the openaimodel structure of Dhariwal & Nichol 2021, with the
+SpatialTransformer cross-attention of Rombach et al. 2022). Attribute paths equal CompVis keys."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import UNetConfig
+from .attention import SpatialTransformer
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of (fractional) timesteps (Vaswani et al. 2017)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                           device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence whose members receive the time embedding or the context when they take one."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
+            else:
+                x = layer(x)
+        return x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        # nearest-neighbour upsampling is not implemented for bf16 in older torch: upcast there
+        dtype = x.dtype
+        if dtype == torch.bfloat16:
+            x = x.float()
+        # an explicit size lets latents that are not a multiple of 2**levels line up with the skips
+        if size is None:
+            x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = nn.functional.interpolate(x, size=size, mode="nearest")
+        return self.conv(x.to(dtype))
+
+
+class ResBlock(nn.Module):
+    """Residual block with the time embedding added between its two convolutions."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if channels == out_channels
+                                else nn.Conv2d(channels, out_channels, 1))
+        self.gradient_checkpointing = False
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
+        return self.skip_connection(x) + self.out_layers(h)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+
+class UNetModel(nn.Module):
+    """Noise (or v) predictor ε(x_t, t, context)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def transformer(ch: int) -> SpatialTransformer:
+            heads, dim_head = cfg.heads_and_dim(ch)
+            return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+                                      cfg.use_linear_in_transformer, cfg.dropout)
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, cfg.dropout), transformer(ch), ResBlock(ch, emb_dim, ch, cfg.dropout))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, cfg.dropout)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(),
+                                 nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        if cfg.use_checkpoint:
+            self.set_gradient_checkpointing(True)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute block activations in the backward pass (trades compute for memory in training)."""
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = enabled
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if timesteps.dim() == 0:
+            timesteps = timesteps[None]
+        timesteps = timesteps.expand(x.shape[0])
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
+        emb = self.time_embed(t_emb)
+        context = context.to(x.dtype)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            up_size = tuple(skips[-1].shape[-2:]) if skips else None
+            h = block(h, emb, context, up_size)
+        return self.out(h)
