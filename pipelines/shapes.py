@@ -189,7 +189,8 @@ class ShapeSpec:
                 q = side // 4
                 draw.ellipse([x0 + q, y0 + q, x1 - 1 - q, y1 - 1 - q], fill=PALETTE[self.background])
         else:  # upright isosceles triangle: apex at the top centre, base along the bottom
-            draw.polygon([(x0 + (side - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)  # inclusive
+            # (Pillow's coordinates are inclusive, like the boxes above)
+            draw.polygon([(x0 + (side - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
         return image.resize((size, size), Image.BOX)
 
 
