@@ -1,0 +1,169 @@
+"""Tell which Stable Diffusion family a state dict belongs to, from tensor shapes alone.
+
+The shape rules follow ComfyUI's model detection: the cross-attention context width (768 for SD1's
+CLIP ViT-L, 1024 for SD2's OpenCLIP ViT-H), a 2-D ``proj_in`` (SD2's linear projection instead of a
+1×1 conv), and 9 UNet input channels (latents + mask + masked-image latents: inpainting). Whether an
+SD2 model predicts v (Salimans & Ho 2022) cannot be read from shapes; it comes from, in order, an
+explicit ``prediction`` argument, the sidecar YAML next to the file, a ``v_pred`` marker key, or the
+weight-statistics heuristic ComfyUI documents. Every decision is recorded so it can be shown.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be read or does not fit; the message is ``"<path>: <problem>"``."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    family: str  # "sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint"
+    config_name: str  # stem of the built-in config in configs/
+    rules: tuple[str, ...]  # the rules that fired, in the order they were applied
+
+    @property
+    def prediction(self) -> str:
+        return "v" if self.family == "sd2-v" else "eps"
+
+
+CONFIG_FOR_FAMILY = {
+    "sd1": "v1-inference",
+    "sd1-inpaint": "v1-inpainting-inference",
+    "sd2": "v2-inference",
+    "sd2-v": "v2-inference-v",
+    "sd2-inpaint": "v2-inpainting-inference",
+}
+
+UNET = "model.diffusion_model."
+CONTEXT_KEY = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+PROJ_IN_KEY = UNET + "input_blocks.1.1.proj_in.weight"
+INPUT_KEY = UNET + "input_blocks.0.0.weight"
+# A norm bias deep in the decoder half whose spread is larger in v-trained SD2 weights (ComfyUI).
+V_PROBE_KEY = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+V_PROBE_THRESHOLD = 0.09
+FULL_SIZE_CONTEXT = {768: "sd1", 1024: "sd2"}
+_BASE_NAME = {"sd1": "SD1", "sd2": "SD2"}
+
+
+def sidecar_config_path(path: str | Path | None) -> Path | None:
+    """``<checkpoint stem>.yaml`` next to the checkpoint, if there is one (A1111's convention)."""
+    if path is None:
+        return None
+    path = Path(path)
+    candidate = path.with_suffix(".yaml")
+    return candidate if candidate != path and candidate.is_file() else None
+
+
+def _short(key: str) -> str:
+    return key.removeprefix(UNET)
+
+
+def _base_votes(sd: Mapping[str, torch.Tensor], rules: list[str]) -> list[tuple[str, str]]:
+    """(family, rule) for every piece of SD1-vs-SD2 evidence present, strongest first."""
+    votes = []
+    if CONTEXT_KEY in sd:
+        dim = sd[CONTEXT_KEY].shape[1]
+        if dim in FULL_SIZE_CONTEXT:
+            base = FULL_SIZE_CONTEXT[dim]
+            votes.append((base, f"context dim {dim} (attn2.to_k in_features) -> {_BASE_NAME[base]}"))
+        else:
+            rules.append(f"context dim {dim} (attn2.to_k in_features) is not a full-size width "
+                         "-> decided by other keys")
+    has_clip = any(k.startswith("cond_stage_model.transformer.") for k in sd)
+    has_openclip = any(k.startswith("cond_stage_model.model.") for k in sd)
+    if has_clip:
+        votes.append(("sd1", "text encoder keys cond_stage_model.transformer.* -> CLIP (SD1)"))
+    if has_openclip:
+        votes.append(("sd2", "text encoder keys cond_stage_model.model.* -> OpenCLIP (SD2)"))
+    if PROJ_IN_KEY in sd:
+        if sd[PROJ_IN_KEY].dim() == 2:
+            votes.append(("sd2", "proj_in is 2-D -> linear projection (SD2)"))
+        else:
+            votes.append(("sd1", "proj_in is 4-D -> 1x1 conv projection (SD1)"))
+    return votes
+
+
+def _v_prediction(sd: Mapping[str, torch.Tensor], path, prediction: str | None,
+                  rules: list[str]) -> bool:
+    if prediction is not None:
+        rules.append(f"prediction override {prediction!r} -> "
+                     f"{'v-prediction' if prediction == 'v' else 'epsilon'}")
+        return prediction == "v"
+    sidecar = sidecar_config_path(path)
+    if sidecar is not None:
+        from .config import load_config  # a broken sidecar raises ConfigError naming that file
+
+        param = load_config(sidecar).parameterization
+        rules.append(f"sidecar {sidecar.name} says parameterization {param}")
+        return param == "v"
+    if "v_pred" in sd:
+        rules.append("file has a v_pred key -> v-prediction")
+        return True
+    probe = sd.get(V_PROBE_KEY)
+    if probe is None:
+        rules.append(f"no {_short(V_PROBE_KEY)} to test, no v_pred key -> epsilon")
+        return False
+    if probe.is_meta or probe.numel() < 2:
+        rules.append(f"{_short(V_PROBE_KEY)} holds no values -> heuristic unavailable -> epsilon")
+        return False
+    std = float(probe.detach().float().std(correction=0))
+    if std > V_PROBE_THRESHOLD:
+        rules.append(f"std of {_short(V_PROBE_KEY)} is {std:.3f} > {V_PROBE_THRESHOLD} "
+                     "-> v-prediction (heuristic)")
+        return True
+    rules.append(f"std of {_short(V_PROBE_KEY)} is {std:.3f} <= {V_PROBE_THRESHOLD} "
+                 "-> epsilon (heuristic)")
+    return False
+
+
+def detect(state_dict: Mapping[str, torch.Tensor], *, path: str | Path | None = None,
+           prediction: str | None = None) -> Detection:
+    """Family and built-in config of a CompVis-layout state dict; only tensor shapes are read, except
+    for the v-prediction heuristic (which treats meta tensors as unknown)."""
+    where = str(path) if path is not None else "state dict"
+    if prediction not in (None, "eps", "v"):
+        raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    if not any(k.startswith(UNET) for k in state_dict):
+        raise CheckpointError(f"{where}: not a Stable Diffusion checkpoint "
+                              "(no model.diffusion_model.* keys)")
+    if any(k.startswith("conditioner.embedders.") for k in state_dict) or \
+            UNET + "label_emb.0.0.weight" in state_dict:
+        raise CheckpointError(f"{where}: an SDXL-style checkpoint (conditioner.embedders.* / "
+                              "label_emb keys); only SD1 and SD2 families are supported")
+
+    rules: list[str] = []
+    votes = _base_votes(state_dict, rules)
+    if not votes:
+        raise CheckpointError(f"{where}: cannot tell SD1 from SD2 (no cross-attention, text encoder "
+                              "or proj_in keys)")
+    base = votes[0][0]
+    for family, rule in votes[1:]:
+        if family != base:
+            raise CheckpointError(f"{where}: inconsistent layout: '{votes[0][1]}' but '{rule}'; "
+                                  "not an SD1 or SD2 checkpoint")
+    rules.extend(rule for _, rule in votes)
+
+    if INPUT_KEY not in state_dict:
+        raise CheckpointError(f"{where}: missing {INPUT_KEY}; not a complete Stable Diffusion UNet")
+    channels = state_dict[INPUT_KEY].shape[1]
+    if channels == 9:
+        rules.append("input_blocks.0.0.weight has 9 input channels -> inpainting")
+        family = f"{base}-inpaint"
+    elif channels == 4:
+        rules.append("input_blocks.0.0.weight has 4 input channels -> text-to-image")
+        family = base
+    else:
+        raise CheckpointError(f"{where}: the UNet takes {channels} input channels "
+                              f"({INPUT_KEY}); only 4 (text-to-image) and 9 (inpainting) are supported")
+
+    if family == "sd2":
+        if _v_prediction(state_dict, path, prediction, rules):
+            family = "sd2-v"
+    elif prediction is not None:
+        rules.append(f"prediction override {prediction!r} does not change the {family} family")
+    return Detection(family=family, config_name=CONFIG_FOR_FAMILY[family], rules=tuple(rules))
