@@ -212,7 +212,8 @@ def encode_prompts(model, prompts: list[str], negatives: list[str],
     tokenizer = tokenizer_for(cfg)
     encoder = model.cond_stage_model
     device = next(encoder.parameters()).device
-    chunked = {t: tokenize_prompt(tokenizer, t, cfg.max_length - 2) for t in dict.fromkeys(prompts + negatives)}
+    chunked = {t: tokenize_prompt(tokenizer, t, cfg.max_length - 2)
+               for t in dict.fromkeys(prompts + negatives)}
     k = max(len(c) for c in chunked.values())
 
     def encode(chunks: list[Chunk]) -> torch.Tensor:
