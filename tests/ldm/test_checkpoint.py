@@ -1,0 +1,492 @@
+"""Single-file checkpoints: the memory-mapped safetensors reader and streaming writer (checked
+against the safetensors library), weights-only pickles, strict key checks, EMA, config resolution,
+save round trips converted by diffusers' own converters, hashing, and every error path."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ldm import checkpoint as ckpt_mod
+from ldm.checkpoint import (CheckpointError, LoadInfo, file_hash, load_model, read_state_dict,
+                            save_checkpoint, write_safetensors)
+from ldm.model import LatentDiffusion
+from tests.reference import diffusers_unet, diffusers_vae, randomize_
+from tests.tiny import tiny_config, tiny_tree
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@functools.lru_cache(maxsize=None)
+def _model(kind: str = "sd1", seed: int = 0) -> LatentDiffusion:
+    return randomize_(LatentDiffusion(tiny_config(kind)), seed=seed).eval()
+
+
+def _state(kind: str = "sd1") -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in _model(kind).state_dict().items()}
+
+
+def _write(tmp_path: Path, sd: dict, name: str = "model.safetensors", kind: str | None = None) -> Path:
+    """Save a state dict with the safetensors library; ``kind`` adds a sidecar YAML."""
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    if kind:
+        path.with_suffix(".yaml").write_text(yaml.safe_dump(tiny_tree(kind)))
+    return path
+
+
+def _error(fn, *args, **kwargs) -> str:
+    with pytest.raises(CheckpointError) as info:
+        fn(*args, **kwargs)
+    text = str(info.value)
+    assert "\n" not in text, text
+    return text
+
+
+def _ddpm_alphas_cumprod() -> torch.Tensor:
+    """SD's schedule from an independent implementation (diffusers' scaled_linear)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+
+
+# ----------------------------------------------------------------------------- safetensors I/O
+
+def test_reader_maps_the_file_without_copying(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "f16": torch.randn(3, 5, generator=gen).half(), "bf16": torch.randn(7, generator=gen).bfloat16(),
+        "f32": torch.randn(2, 3, 4, generator=gen), "f64": torch.randn(3, generator=gen).double(),
+        "i64": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32),
+        "i16": torch.arange(3, dtype=torch.int16), "i8": torch.arange(-2, 2, dtype=torch.int8),
+        "u8": torch.arange(4, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+    }
+    path = _write(tmp_path, tensors)
+    got = read_state_dict(path)
+    assert got.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    # every tensor is a view into one storage spanning the whole file: a memory map, no copies
+    storages = {t.untyped_storage().data_ptr() for t in got.values()}
+    assert len(storages) == 1
+    assert got["f32"].untyped_storage().nbytes() == path.stat().st_size
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(path) in maps.read_text()
+
+
+def test_reader_copies_only_misaligned_tensors(tmp_path):
+    header = {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [2, 10]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    data = bytes([7, 9]) + torch.tensor([1.5, -2.0]).numpy().tobytes()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    got = read_state_dict(path)
+    assert got["a"].tolist() == [7, 9] and got["b"].tolist() == [1.5, -2.0]
+
+
+def test_writer_streams_a_file_the_safetensors_library_reads(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    tensors = {"odd_half": torch.randn(3, generator=gen).half(), "wide": torch.randn(5, 2, generator=gen),
+               "ids": torch.arange(3), "flag": torch.tensor([True]), "b16": torch.randn(2).bfloat16()}
+    produced = []
+
+    def produce(name):
+        produced.append(name)
+        return tensors[name]
+
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, produce,
+                      {"note": "hello"})
+    assert sorted(produced) == sorted(tensors)  # each produced exactly once
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"note": "hello"}
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v), k
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + n])
+    assert n % 8 == 0
+    for k, info in header.items():
+        if k != "__metadata__":
+            assert info["data_offsets"][0] % tensors[k].dtype.itemsize == 0, k
+    with pytest.raises(ValueError, match="announced"):
+        write_safetensors(tmp_path / "bad.safetensors", {"x": (torch.float32, (2,))},
+                          lambda k: torch.zeros(3))
+    assert not (tmp_path / "bad.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# --------------------------------------------------------------------------------- bad input
+
+def _corrupt_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    good = _write(tmp_path, {"a": torch.ones(1000), "b": torch.ones(10)}, "good.safetensors")
+    raw = good.read_bytes()
+    gen = torch.Generator().manual_seed(3)
+    noise = bytes(torch.randint(0, 256, (4096,), generator=gen, dtype=torch.uint8).tolist())
+    files = {
+        "missing": ("nothing.safetensors", None, "no such file"),
+        "empty": ("empty.safetensors", b"", "empty file"),
+        "truncated data": ("cut.safetensors", raw[: len(raw) - 100], "truncated"),
+        "truncated header": ("cuthead.safetensors", raw[:20], "truncated"),
+        "tiny": ("short.safetensors", raw[:5], "truncated"),
+        "random .safetensors": ("noise.safetensors", noise, "not a safetensors file"),
+        "random .ckpt": ("noise.ckpt", b"\x13" + noise, "unrecognised bytes"),
+        "json": ("model.json", json.dumps({"weights": [1, 2, 3]}).encode(), "a text file"),
+        "json as .safetensors": ("text.safetensors", b'{"weights": [1, 2, 3], "more": "x"}',
+                                 "not a safetensors file"),
+        "text": ("notes.txt", b"just some notes\n", "a text file"),
+        "torn zip": ("torn.ckpt", b"PK\x03\x04" + noise[:300], "corrupt or truncated PyTorch"),
+        "bad header json": ("badjson.safetensors", (6).to_bytes(8, "little") + b"{nope}", "not valid JSON"),
+    }
+    out = {}
+    for label, (name, content, expected) in files.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        out[label] = (path, expected)
+    return out
+
+
+def test_unreadable_files_give_one_line_naming_the_file(tmp_path):
+    for label, (path, expected) in _corrupt_files(tmp_path).items():
+        text = _error(read_state_dict, path)
+        assert text.startswith(f"{path}: ") and expected in text, (label, text)
+        assert _error(load_model, path).startswith(f"{path}: "), label
+
+
+def test_unrelated_tensors_are_not_a_checkpoint(tmp_path):
+    path = _write(tmp_path, {"encoder.layer.0.weight": torch.ones(2, 2)})
+    assert _error(load_model, path) == \
+        f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* keys)"
+
+
+def test_folder_and_bad_arguments(tmp_path):
+    assert "is a folder" in _error(read_state_dict, tmp_path)
+    path = _write(tmp_path, _state(), kind="sd1")
+    with pytest.raises(ValueError, match="prediction"):
+        load_model(path, prediction="x0")
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(path, dtype="int8")
+
+
+# ------------------------------------------------------------------------------------- pickles
+
+_EXECUTED: list[str] = []
+
+
+def _record_execution(note: str) -> str:
+    _EXECUTED.append(note)
+    return note
+
+
+class _Payload:
+    """An arbitrary user class: unpickling it means importing and running project code."""
+
+    def __init__(self):
+        self.value = 1
+
+
+class _Reducer:
+    def __reduce__(self):
+        return (_record_execution, ("code ran",))
+
+
+@pytest.mark.parametrize("payload", [_Payload, _Reducer])
+def test_pickle_with_code_is_refused(tmp_path, payload):
+    path = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": _state(), "extra": payload()}, path)
+    _EXECUTED.clear()
+    text = _error(load_model, path, tiny_config("sd1"))
+    assert "not plain tensors" in text and "refused for safety" in text
+    assert _EXECUTED == []  # nothing in the file was run
+
+
+@pytest.mark.parametrize("name,legacy,wrapped", [("m.ckpt", False, True), ("m.pt", False, False),
+                                                 ("m.pth", True, True), ("m.bin", False, True)])
+def test_plain_pickles_load(tmp_path, name, legacy, wrapped):
+    sd = _state()
+    obj = {"state_dict": sd, "epoch": 3, "global_step": 100} if wrapped else sd
+    path = tmp_path / name
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+    model = load_model(path, tiny_config("sd1"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+# ---------------------------------------------------------------------------------- key checks
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    sd = _state()
+    dropped = "first_stage_model.decoder.conv_out.bias"
+    del sd[dropped]
+    sd["model.diffusion_model.extra_block.weight"] = torch.ones(1)
+    text = _error(load_model, _write(tmp_path, sd), tiny_config("sd1"))
+    assert f"1 missing keys ({dropped})" in text
+    assert "1 unexpected keys (model.diffusion_model.extra_block.weight)" in text
+
+    many = {k: v for k, v in _state().items() if not k.startswith("first_stage_model.")}
+    text = _error(load_model, _write(tmp_path, many, "many.safetensors"), tiny_config("sd1"))
+    n = sum(k.startswith("first_stage_model.") for k in _state())
+    assert f"{n} missing keys (first_stage_model." in text and f"... {n - 5} more" in text
+
+
+def test_wrong_config_reports_shapes_and_the_detected_family(tmp_path):
+    path = _write(tmp_path, _state("sd1"))
+    text = _error(load_model, path, tiny_config("sd1-inpaint"))
+    assert ("model.diffusion_model.input_blocks.0.0.weight: file [32, 4, 3, 3] vs model [32, 9, 3, 3]"
+            in text)
+    assert "looks like sd1: config v1-inference" in text
+    # a full-size built-in config on a tiny file: detection picked it, the message says how to fix it
+    text = _error(load_model, path)
+    assert "shape mismatches" in text and "pass a config or put model.yaml next to the file" in text
+    text = _error(load_model, path, "v1-inference")
+    assert "shape mismatches" in text
+
+
+def test_harmless_extras_are_dropped_and_the_schedule_is_checked(tmp_path):
+    from diffusers import DDPMScheduler
+
+    ddpm = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    extras = {"betas": ddpm.betas, "alphas_cumprod": ddpm.alphas_cumprod.half(),
+              "alphas_cumprod_prev": torch.ones(1000), "posterior_variance": torch.ones(1000),
+              "logvar": torch.zeros(1000), "model_ema.decay": torch.tensor(0.9999),
+              "model_ema.num_updates": torch.tensor(7, dtype=torch.int32),
+              "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    model = load_model(_write(tmp_path, {**_state(), **extras}), tiny_config("sd1"))
+    assert model.state_dict().keys() == _model().state_dict().keys()
+
+    linear = DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    bad = _write(tmp_path, {**_state(), "betas": linear.betas}, "bad.safetensors")
+    assert "betas does not match the config's noise schedule" in _error(load_model, bad, tiny_config("sd1"))
+    short = _write(tmp_path, {**_state(), "alphas_cumprod": torch.ones(10)}, "short.safetensors")
+    assert "1000 steps" in _error(load_model, short, tiny_config("sd1"))
+
+
+def _with_ema(sd: dict, seed: int = 5) -> dict:
+    """Add CompVis LitEma copies of the UNet weights (dots dropped from the names)."""
+    gen = torch.Generator().manual_seed(seed)
+    ema = {"model_ema." + k.removeprefix("model.").replace(".", ""): torch.randn(v.shape, generator=gen)
+           for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    return {**sd, **ema, "model_ema.decay": torch.tensor(0.9999),
+            "model_ema.num_updates": torch.tensor(10, dtype=torch.int32)}
+
+
+def test_ema_weights(tmp_path):
+    sd = _with_ema(_state())
+    assert "model_ema.diffusion_modelinput_blocks00weight" in sd
+    path = _write(tmp_path, sd, kind="sd1")
+    plain = load_model(path)
+    ema = load_model(path, use_ema=True)
+    assert ema.source.use_ema and not plain.source.use_ema
+    for k, v in ema.state_dict().items():
+        expected = sd["model_ema." + k.removeprefix("model.").replace(".", "")] \
+            if k.startswith("model.diffusion_model.") else sd[k]
+        assert torch.equal(v, expected), k
+        assert torch.equal(plain.state_dict()[k], sd[k]), k
+
+    no_ema = _write(tmp_path, _state(), "plain.safetensors", kind="sd1")
+    assert "no EMA weights" in _error(load_model, no_ema, use_ema=True)
+    partial = {k: v for k, v in sd.items() if k != "model_ema.diffusion_modelout2bias"}
+    partial_path = _write(tmp_path, partial, "partial.safetensors", kind="sd1")
+    text = _error(load_model, partial_path, use_ema=True)
+    assert "EMA weights incomplete" in text and "model.diffusion_model.out.2.bias" in text
+
+
+# ------------------------------------------------------------------------------------- loading
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sd2-inpaint"])
+def test_loaded_model_is_fully_materialised(tmp_path, kind):
+    model = load_model(_write(tmp_path, _state(kind), kind=kind))
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert on_meta == []
+    assert not model.training
+    buffers = dict(model.named_buffers())
+    torch.testing.assert_close(buffers["alphas_cumprod"], _ddpm_alphas_cumprod())
+    if kind == "sd1":
+        ids = buffers["cond_stage_model.transformer.text_model.embeddings.position_ids"]
+        assert torch.equal(ids, torch.arange(77)[None])
+    else:
+        expected = torch.nn.Transformer.generate_square_subsequent_mask(77)
+        assert torch.equal(buffers["cond_stage_model.model.attn_mask"], expected)
+    # the loaded text tower computes what the original does (its buffers and weights are in place)
+    tokens = _model(kind).tokenize(["a red circle"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.cond_stage_model(tokens), _model(kind).cond_stage_model(tokens))
+
+
+def test_same_dtype_load_keeps_the_memory_map(tmp_path):
+    half = {k: v.half() for k, v in _state().items()}
+    path = _write(tmp_path, half, kind="sd1")
+    size = path.stat().st_size
+    model = load_model(path, dtype=torch.float16)
+    params = list(model.parameters())
+    assert all(p.dtype == torch.float16 for p in params)
+    assert {p.untyped_storage().data_ptr() for p in params} == {params[0].untyped_storage().data_ptr()}
+    assert params[0].untyped_storage().nbytes() == size  # views of the mapped file
+    # a different dtype converts (copies) tensor by tensor
+    model = load_model(path, dtype="bf16")
+    assert all(p.dtype == torch.bfloat16 and p.untyped_storage().nbytes() < size
+               for p in model.parameters())
+    assert model.alphas_cumprod.dtype == torch.float32  # the schedule keeps full precision
+
+
+def test_config_sources(tmp_path):
+    sd = _state("sd2-v")
+    path = _write(tmp_path, sd, kind="sd2-v")
+    model = load_model(path)
+    assert isinstance(model.source, LoadInfo)
+    assert model.source.config_source == f"sidecar config {path.with_suffix('.yaml')}"
+    assert model.source.name == "model" and model.source.path == str(path)
+    assert model.config.parameterization == "v" and model.prediction.kind == "v"
+    assert model.source.detection.family == "sd2-v"
+
+    other = _write(tmp_path, sd, "other.safetensors")
+    yaml_path = tmp_path / "config.yaml"
+    yaml_path.write_text(yaml.safe_dump(tiny_tree("sd2-v")))
+    assert load_model(other, yaml_path).source.config_source == f"config file {yaml_path}"
+    given = load_model(other, tiny_config("sd2"))
+    assert given.source.config_source == "ModelConfig given by the caller"
+    assert given.config.parameterization == "eps"
+    forced = load_model(other, tiny_config("sd2"), prediction="v")
+    assert forced.config.parameterization == "v" and forced.prediction.kind == "v"
+
+
+def test_diffusers_folder_dispatch(tmp_path, monkeypatch):
+    calls = []
+    made = _model("sd1")
+
+    def fake_loader(path, *, dtype=torch.float32, device="cpu"):
+        calls.append((Path(path), dtype, device))
+        made.source = None
+        return made
+
+    module = types.ModuleType("ldm.diffusers_folder")
+    module.load_diffusers_folder = fake_loader
+    monkeypatch.setitem(sys.modules, "ldm.diffusers_folder", module)
+    model = load_model(tmp_path, dtype=torch.float16)
+    assert calls == [(tmp_path, torch.float16, "cpu")]
+    assert model.source.config_source == "diffusers folder" and model.source.name == tmp_path.name
+    assert "diffusers folder" in _error(load_model, tmp_path, "v1-inference")
+    made.source = None
+
+
+# ---------------------------------------------------------------------------------- round trip
+
+@pytest.mark.parametrize("half", [False, True])
+def test_save_round_trip(tmp_path, half):
+    model = _model("sd2")
+    path = tmp_path / "saved.safetensors"
+    save_checkpoint(model, path, half=half, metadata={"title": "tiny", "author": "tests"})
+    with safe_open(str(path), "pt") as f:  # an independent reader
+        assert set(f.keys()) == set(model.state_dict())
+        assert f.metadata()["title"] == "tiny" and f.metadata()["author"] == "tests"
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == ({"F16"} if half else {"F32"})
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(tiny_tree("sd2")))
+    loaded = load_model(path)
+    for k, v in model.state_dict().items():
+        expected = v.half().float() if half else v
+        assert torch.equal(loaded.state_dict()[k], expected), k
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.safetensors", "saved.yaml"]
+    with pytest.raises(TypeError, match="metadata"):
+        save_checkpoint(model, path, metadata={"steps": 5})
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "keep.safetensors"
+    path.write_bytes(b"previous contents")
+
+    def refuse(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(_model("sd1"), path)
+    assert path.read_bytes() == b"previous contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_saved_file_converts_with_diffusers(tmp_path, kind):
+    """The file we write is read by the safetensors library and converted by diffusers' own
+    single-file converters into models whose outputs equal ours."""
+    model = _model(kind)
+    path = tmp_path / "parity.safetensors"
+    save_checkpoint(model, path)
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(tiny_tree(kind)))
+    ours = load_model(path)
+    state = load_file(str(path))
+    unet, vae = diffusers_unet(tiny_tree(kind), state), diffusers_vae(tiny_tree(kind), state)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 700])
+    context = torch.randn(2, 77, 32, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.apply_model(x, t, context),
+                                   unet(x, t, encoder_hidden_states=context).sample, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.first_stage_model.decode(x), vae.decode(x).sample,
+                                   atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- hashing
+
+def test_file_hash(tmp_path, monkeypatch):
+    path = tmp_path / "h.bin"
+    path.write_bytes(os.urandom(5_000_000))
+    assert file_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the cached hash should be used")
+
+    monkeypatch.setattr(ckpt_mod, "open", no_reading, raising=False)
+    assert file_hash(str(path)) == hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.undo()
+    path.write_bytes(b"changed")
+    assert file_hash(path) == hashlib.sha256(b"changed").hexdigest()
+    assert "cannot read" in _error(file_hash, tmp_path / "absent.bin")
+
+
+# ------------------------------------------------------------------------------ GPU and benchmark
+
+@pytest.mark.cuda
+def test_load_on_cuda(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = load_model(_write(tmp_path, _state("sd2"), kind="sd2"), dtype=torch.float16, device="cuda")
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cuda"}
+    assert next(model.parameters()).dtype == torch.float16
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("load_checkpoint_bench",
+                                                  ROOT / "benchmarks" / "load_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_functions_on_a_tiny_model(tmp_path):
+    bench = _benchmark_module()
+    path = tmp_path / "tiny.safetensors"
+    bench.write_random_checkpoint(path, tiny_config("sd1"), dtype=torch.float16)
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(tiny_tree("sd1")))
+    result = bench.measure_ours(path, config=None, dtype=torch.float16)
+    assert result["load_s"] > 0 and result["peak_rss_bytes"] > 0
+    folder = bench.write_diffusers_config_folder(tmp_path / "cfg", tiny_tree("sd1"))
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    result = bench.measure_diffusers(path, folder, dtype=torch.float16)
+    assert result["load_s"] > 0
