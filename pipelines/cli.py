@@ -81,18 +81,21 @@ def _load_pipeline(args):
     pipe = Pipeline.from_checkpoint(args.checkpoint, config=args.config, device=args.device,
                                     dtype=args.dtype, attention=args.attention, use_ema=args.ema,
                                     prediction=args.prediction)
-    model = pipe.model
-    text = model.config.text
-    usable = text.layers - text.skip_layers()
-    if args.clip_skip >= usable:
-        raise UsageError(f"argument --clip-skip: this model's text encoder has {usable} usable "
-                         f"blocks, so at most {usable - 1}, got {args.clip_skip}")
     if args.vae_tiling:
-        model.first_stage_model.enable_tiling(True)
+        pipe.enable_vae_tiling(True)
     return pipe
 
 
 def generate(args) -> int:
+    import warnings
+
+    with warnings.catch_warnings():
+        # Library warnings (e.g. "image size rounded to a multiple of 8") become one-line notes.
+        warnings.showwarning = lambda message, *rest, **kw: _note(args, str(message))
+        return _generate(args)
+
+
+def _generate(args) -> int:
     import secrets
 
     from pipelines import images
@@ -111,6 +114,10 @@ def generate(args) -> int:
             _note(args, message)
         extra["mask"] = mask
         extra["mask_blur"] = args.mask_blur
+    if "strength" in extra and int(args.steps * args.strength) == 0:
+        # diffusers' img2img rule: only the last int(steps * strength) timesteps run
+        _note(args, f"--steps {args.steps} with --strength {args.strength:g} runs no denoising step; "
+                    "raise --steps or --strength to change the image")
     _check_model_args(args)
     seed = args.seed
     if seed is None or seed == -1:
@@ -175,30 +182,29 @@ def _image_info(path: Path, as_json: bool) -> int:
 def _checkpoint_info(path: Path, as_json: bool) -> int:
     from collections import Counter
 
-    from ldm.checkpoint import detect, read_state_dict
-    state = read_state_dict(path)
-    found = detect(state)
-    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state.values() if hasattr(t, "dtype"))
-    fields = {
-        "file": str(path),
-        "family": getattr(found, "family", None) or getattr(found, "name", None) or str(found),
-        "rules": [str(r) for r in (getattr(found, "rules", None) or getattr(found, "reasons", None) or ())],
-        "keys": len(state),
-        "dtype": ", ".join(f"{d} ({c})" for d, c in dtypes.most_common()) or "unknown",
-        "size": path.stat().st_size if path.is_file() else sum(
-            f.stat().st_size for f in path.rglob("*") if f.is_file()),
-    }
+    from ldm.checkpoint import CheckpointError, detect, read_state_dict
+    state = read_state_dict(path)  # not a checkpoint at all: CheckpointError, reported as the error
+    try:
+        found = detect(state, path=path)
+        family, rules = f"{found.family} (config {found.config_name})", list(found.rules)
+    except CheckpointError as exc:  # readable, but not an SD1/SD2 model: still worth describing
+        family, rules = "unknown", [str(exc)]
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state.values())
+    size = path.stat().st_size
+    fields = {"file": str(path), "family": family, "rules": rules, "keys": len(state),
+              "dtype": ", ".join(f"{d} ({c} tensors)" for d, c in dtypes.most_common()) or "none",
+              "size": size}
     if as_json:
         import json
         print(json.dumps(fields, indent=2))
         return 0
-    print(f"file:    {fields['file']}")
-    print(f"family:  {fields['family']}")
-    for rule in fields["rules"]:
-        print(f"  rule:  {rule}")
-    print(f"keys:    {fields['keys']}")
-    print(f"dtype:   {fields['dtype']}")
-    print(f"size:    {_human_size(fields['size'])} ({fields['size']} bytes)")
+    print(f"file:   {path}")
+    print(f"family: {family}")
+    for rule in rules:
+        print(f"  - {rule}")
+    print(f"keys:   {len(state)}")
+    print(f"dtype:  {fields['dtype']}")
+    print(f"size:   {_human_size(size)} ({size} bytes)")
     return 0
 
 

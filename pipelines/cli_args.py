@@ -138,5 +138,9 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError("give either PROMPT or --from-file, not both")
     if args.prompt is None and not args.from_file:
         raise UsageError(f"missing PROMPT (or --from-file TXT) (see 'ldm {args.command} --help')")
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and value % 8:  # the autoencoder works on multiples of 8 pixels
+            raise UsageError(f"argument --{name}: must be a multiple of 8, got {value}")
     if not args.output.lower().endswith(".png"):
         raise UsageError(f"--output must name a .png file, got {args.output!r}")

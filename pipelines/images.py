@@ -13,7 +13,6 @@ module costs nothing on the command line's start-up path.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -172,23 +171,12 @@ def read_parameters(path) -> str | None:
 
 
 # ---------------------------------------------------------------- parameters text
-@functools.lru_cache(maxsize=16)
-def _cached_hash(path: str, size: int, mtime_ns: int) -> str:
-    from ldm.checkpoint import file_hash
-    return file_hash(path)
-
-
 def model_hash(path) -> str | None:
-    """A1111's short model hash (first 10 hex digits of the file's sha256); cached per file version."""
-    if not path:
+    """A1111's short model hash: the first 10 hex digits of the file's sha256 (None without a file)."""
+    if not path or not Path(path).is_file():  # no path, or a diffusers folder: nothing to hash
         return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not Path(path).is_file():  # a diffusers folder has no single file to hash
-        return None
-    return _cached_hash(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)[:10]
+    from ldm.checkpoint import file_hash  # cached per file version: each file is read once
+    return file_hash(path)[:10]
 
 
 def _num(x) -> str:
