@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.cli_args import UsageError, build_parser, check
+from pipelines.cli_args import MAX_SEED, UsageError, build_parser, check
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -123,8 +123,10 @@ def _generate(args) -> int:
     if seed is None or seed == -1:
         seed = secrets.randbelow(2**32)
         _note(args, f"seed {seed} (random; pass --seed {seed} to reproduce)")
+    elif seed + len(paths) - 1 > MAX_SEED:  # image i uses seed + i
+        raise UsageError(f"argument --seed: {seed} + {len(paths) - 1} images exceeds 2**64-1")
 
-    # 2. the model, and the model hash once for all images (sha256 of a 2 GB file takes seconds)
+    # 2. the model (the file's hash for the PNG metadata is computed once, on first use)
     pipe = _load_pipeline(args)
     run = getattr(pipe, args.command)
     size = {k: v for k, v in (("width", args.width), ("height", args.height)) if v is not None}

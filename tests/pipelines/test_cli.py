@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,7 +100,6 @@ def test_real_process_exit_codes_and_stderr(tmp_path):
 @pytest.fixture
 def inputs(tmp_path):
     """A work folder with a valid image and mask and some bad files; cwd is the folder."""
-    (tmp_path / "in.png").write_bytes(b"")
     Image.new("RGB", (24, 16), "red").save(tmp_path / "in.png")
     Image.new("L", (24, 16), 255).save(tmp_path / "mask.png")
     (tmp_path / "notes.txt").write_text("not an image at all\n")
@@ -129,6 +127,7 @@ BAD = [  # argv, exit code, fragment of the error line
     (["txt2img", "x", "--eta", "-0.5"], 2, "--eta: must be at least 0"),
     (["txt2img", "x", "--clip-skip", "-1"], 2, "--clip-skip: must be at least 0"),
     (["txt2img", "x", "--seed", "-7"], 2, "--seed: must be between 0 and 2**64-1"),
+    (["txt2img", "x", "--seed", str(2**64 - 1), "--num-images", "2"], 2, "exceeds 2**64-1"),
     (["txt2img", "x", "--dtype", "fp8"], 2, "--dtype: invalid choice"),
     (["txt2img", "x", "--attention", "flash"], 2, "--attention: invalid choice"),
     (["txt2img", "x", "--prediction", "x0"], 2, "--prediction: invalid choice"),
