@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from ldm.diffusers_folder import DiffusersFolderError, load_diffusers_folder
 from ldm.model import LatentDiffusion
 from ldm.modules.text import clip_tokenizer
-from tests.reference import (diffusers_unet, diffusers_vae, randomize_, transformers_text_model)
-from tests.tiny import tiny_config, tiny_tree
+from ldm.config import parse_config
+from tests.ldm.test_diffusers_names import variant_tree
+from tests.reference import diffusers_unet, diffusers_vae, randomize_, transformers_text_model
 
 VAE_SCALE = 0.13025  # not the config's 0.18215, so reading it is checked
 
@@ -39,9 +40,9 @@ def build_folder(kind: str, folder: Path, seed: int = 0) -> SimpleNamespace:
     saved with ``save_pretrained``, exactly as diffusers writes it."""
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-    ours = randomize_(LatentDiffusion(tiny_config(kind)), seed=seed).eval()
+    tree = variant_tree(kind)
+    ours = randomize_(LatentDiffusion(parse_config(tree, kind)), seed=seed).eval()
     state = ours.state_dict()
-    tree = tiny_tree(kind)
     unet, vae = diffusers_unet(tree, state), diffusers_vae(tree, state)
     text = _reference_text_model(ours, state)
     vae.register_to_config(scaling_factor=VAE_SCALE)
@@ -67,7 +68,7 @@ def _built(kind: str, factory) -> SimpleNamespace:
     return _BUILT[kind]
 
 
-@pytest.fixture(params=["sd1", "sd2-v", "sd1-inpaint"])
+@pytest.fixture(params=["sd1", "sd2-v", "sd1-inpaint", "sd1-3level"])
 def built(request, tmp_path_factory):
     return _built(request.param, tmp_path_factory)
 
@@ -79,7 +80,7 @@ def sd1_folder(tmp_path_factory):
 
 def _unet_inputs(model: LatentDiffusion):
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 8, 8, generator=gen)
+    x = torch.randn(2, 4, 8, 8, generator=gen)  # divisible by 2**(levels-1) for every variant
     t = torch.tensor([10, 700])
     ctx = torch.randn(2, 5, model.config.unet.context_dim, generator=gen)
     concat = torch.randn(2, 5, 8, 8, generator=gen) if model.config.is_inpainting else None
@@ -116,9 +117,9 @@ def test_config_read_from_folder(built):
     assert model.scale_factor == pytest.approx(VAE_SCALE)
     assert cfg.unet.attention_resolutions == orig.unet.attention_resolutions
     assert cfg.unet.channel_mult == orig.unet.channel_mult
-    for c in (cfg.unet, orig.unet):  # same head layout, however it is expressed
-        assert [c.heads_and_dim(32 * m) for m in c.channel_mult] == \
-            [orig.unet.heads_and_dim(32 * m) for m in orig.unet.channel_mult]
+    # same head layout, however it is expressed (heads vs head width)
+    assert [cfg.unet.heads_and_dim(32 * m) for m in cfg.unet.channel_mult] == \
+        [orig.unet.heads_and_dim(32 * m) for m in orig.unet.channel_mult]
     assert cfg.text.kind == orig.text.kind and cfg.text.pad_token_id == orig.text.pad_token_id
     assert torch.allclose(model.alphas_cumprod, built.ours.alphas_cumprod)
 
@@ -161,13 +162,6 @@ def _edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
-
-
-@torch.no_grad()
-def _assert_same_model(a: LatentDiffusion, b: LatentDiffusion) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_file_variants(sd1_folder, tmp_path):
