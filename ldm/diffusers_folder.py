@@ -294,7 +294,11 @@ def weight_file(component_dir: Path, component: str, dtype: torch.dtype) -> Path
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one weight file (or of the shards an ``.index.json`` lists)."""
+    """All tensors of one weight file (or of the shards an ``.index.json`` lists). Safetensors are
+    memory-mapped without a copy; pickles load with ``weights_only=True`` (see ``ldm.checkpoint``)."""
+    from .checkpoint import read_state_dict
+    from .detect import CheckpointError
+
     if path.name.endswith(".index.json"):
         weight_map = _read_json(path).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -303,25 +307,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         for shard in sorted(set(weight_map.values())):
             tensors.update(read_weights(path.parent / shard))
         return tensors
-    if not path.is_file():
-        raise _fail(path, "missing")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError) as exc:
-            raise _fail(path, f"not a readable safetensors file ({exc})") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors come in many types; weights_only refusals included
-        raise _fail(path, f"not a readable weights file of plain tensors "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                    ) from None
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise _fail(path, "expected a dict of tensors")
-    return data
+        return read_state_dict(path)
+    except CheckpointError as exc:  # already "<file>: <problem>"
+        raise DiffusersFolderError(str(exc)) from None
 
 
 def _candidates(component: str, key: str) -> list[str]:

@@ -184,10 +184,18 @@ def test_file_variants(sd1_folder, tmp_path):
     assert any(".query." in k for k in vae)
     torch.save(vae, folder / "vae" / "diffusion_pytorch_model.bin")
     vae_file.unlink()
-    # text encoder: keys with the text_model. prefix and a position_ids buffer (older transformers)
-    _rewrite_weights(folder / "text_encoder" / "model.safetensors", lambda t: {
-        **{"text_model." + k: v for k, v in t.items()},
-        "text_model.embeddings.position_ids": torch.arange(77)[None]})
+    # text encoder: keys with the text_model. prefix and a position_ids buffer (older transformers),
+    # in two shards listed by an index
+    text_file = folder / "text_encoder" / "model.safetensors"
+    text = {"text_model." + k: v for k, v in load_file(text_file).items()}
+    text["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    shards = {"model-00001-of-00002.safetensors": dict(list(text.items())[:10]),
+              "model-00002-of-00002.safetensors": dict(list(text.items())[10:])}
+    for name, part in shards.items():
+        save_file(part, folder / "text_encoder" / name)
+    (folder / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+    text_file.unlink()
     loaded = load_diffusers_folder(folder)
     sa, sb = loaded.state_dict(), base.state_dict()
     for key in sa:
