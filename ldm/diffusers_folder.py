@@ -170,12 +170,11 @@ def vae_config(cfg: dict, path: Path) -> tuple[AutoencoderConfig, float]:
         if types != [kind] * len(mult):
             raise _fail(path, f"{key} must be {len(mult)} × {kind}, got {types!r}")
     latent = _int(cfg, path, "latent_channels", 4)
-    size = cfg.get("sample_size", 256)
     scale = cfg.get("scaling_factor", 0.18215)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
         raise _fail(path, f"scaling_factor must be a positive number, got {scale!r}")
     return AutoencoderConfig(
-        embed_dim=latent, z_channels=latent, resolution=size[0] if isinstance(size, list) else size,
+        embed_dim=latent, z_channels=latent, resolution=_int(cfg, path, "sample_size", 256),
         in_channels=_int(cfg, path, "in_channels", 3), out_ch=_int(cfg, path, "out_channels", 3),
         ch=ch, ch_mult=mult, num_res_blocks=_int(cfg, path, "layers_per_block", 2)), float(scale)
 
@@ -216,6 +215,7 @@ def schedule_fields(cfg: dict, path: Path) -> dict:
         raise _fail(path, "trained_betas is not supported")
     # diffusers' scaled_linear (linear in sqrt(beta)) is the schedule CompVis calls "linear"
     _expect(cfg, path, "beta_schedule", ("scaled_linear",))
+    _expect(cfg, path, "rescale_betas_zero_snr", (False,))  # Lin et al. 2024: other alphas
     return dict(parameterization=prediction, linear_start=float(cfg.get("beta_start", 0.00085)),
                 linear_end=float(cfg.get("beta_end", 0.012)),
                 timesteps=_int(cfg, path, "num_train_timesteps", 1000))
@@ -244,28 +244,28 @@ def folder_config(folder: str | Path, prediction: str | None = None) -> ModelCon
     if missing:
         raise _fail(folder, f"not a diffusers Stable Diffusion folder: no {', '.join(missing)} "
                             f"subfolder{'s' if len(missing) > 1 else ''}")
+    if prediction not in (None, "eps", "v"):
+        raise DiffusersFolderError(f"prediction must be 'eps' or 'v', got {prediction!r}")
     _check_model_index(folder)
     unet_path, vae_path = folder / "unet" / "config.json", folder / "vae" / "config.json"
     text_path = folder / "text_encoder" / "config.json"
-    unet = unet_config(_read_json(unet_path), unet_path)
+    unet_json = _read_json(unet_path)
+    unet = unet_config(unet_json, unet_path)
     vae, scale = vae_config(_read_json(vae_path), vae_path)
     text = text_config(_read_json(text_path), text_path)
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    if sched_path.exists() or prediction is None:
-        if not sched_path.exists():
-            raise _fail(sched_path, "missing: it says whether the model predicts epsilon or v; "
-                                    "pass prediction='eps' or 'v' to load without it")
+    if sched_path.exists():
         fields = schedule_fields(_read_json(sched_path), sched_path)
+    elif prediction is None:
+        raise _fail(sched_path, "missing: it says whether the model predicts epsilon or v; "
+                                "pass prediction='eps' or 'v' to load without it")
     else:
         fields = {}
     if prediction is not None:
-        if prediction not in ("eps", "v"):
-            raise DiffusersFolderError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         fields["parameterization"] = prediction
-    size = _read_json(unet_path).get("sample_size", 64)
     cfg = ModelConfig(unet=unet, autoencoder=vae, text=text, scale_factor=scale,
                       conditioning_key="hybrid" if unet.in_channels == 9 else "crossattn",
-                      image_size=size[0] if isinstance(size, list) else int(size),
+                      image_size=_int(unet_json, unet_path, "sample_size", 64),
                       channels=vae.embed_dim, **fields)
     try:
         validate(cfg, str(folder))
@@ -305,6 +305,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             raise _fail(path, "no weight_map")
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
+            if not isinstance(shard, str) or Path(shard).name != shard:
+                raise _fail(path, f"weight_map names {shard!r}, not a file next to the index")
             tensors.update(read_weights(path.parent / shard))
         return tensors
     try:
