@@ -357,5 +357,5 @@ class Pipeline:
                 warnings.warn(f"the autoencoder overflowed in {dtype}; decoding in float32 from now on",
                               stacklevel=4)
                 vae.to(torch.float32)
-                x = vae.decode(z.float())
+                x = vae.decode(latents.float() / self.model.scale_factor)
         return x

@@ -23,6 +23,7 @@ def reference_scheduler(name: str, prediction: str = "eps"):
         "ddim": ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False)),
         "euler_a": ("EulerAncestralDiscreteScheduler", {}),
         "euler": ("EulerDiscreteScheduler", {}),
+        "heun": ("HeunDiscreteScheduler", {}),
         "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
         "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),
     }
