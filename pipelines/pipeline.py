@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import preprocess as pre
+from .prompts import encode_prompts
 from .sampling import Guidance, KnownRegion, denoise, randn, step_kwargs
 from .schedulers import make_scheduler
 
@@ -74,12 +75,6 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise ValueError(f"unknown dtype {dtype!r}; choose fp16, bf16 or fp32")
-
-
-def _encode(model, prompts: list[str], negatives: list[str], clip_skip: int = 0):
-    """(cond, uncond) text conditioning, with the signature of ``prompts.encode_prompts``."""
-    both = model.get_learned_conditioning(list(prompts) + list(negatives), clip_skip=clip_skip)
-    return both[: len(prompts)], both[len(prompts):]
 
 
 def _as_prompts(value, name: str) -> list[str]:
@@ -206,7 +201,7 @@ class Pipeline:
 
         # 2. prompts → conditioning; one UNet call per step on the batch [uncond, cond]
         guidance = Guidance(float(guidance_scale), float(guidance_rescale))
-        cond, uncond = _encode(model, prompts, negatives, clip_skip)
+        cond, uncond = encode_prompts(model, prompts, negatives, clip_skip)
         cond = cond.repeat_interleave(num_images, 0).to(self.dtype)
         uncond = uncond.repeat_interleave(num_images, 0).to(self.dtype)
         context = torch.cat([uncond, cond]) if guidance.enabled else cond
