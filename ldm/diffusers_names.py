@@ -32,7 +32,8 @@ _UNET_OUT = {"0": "conv_norm_out", "2": "conv_out"}
 _OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "attn": "self_attn", "attn.out_proj": "self_attn.out_proj",
                    "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
-Anchors = dict[str, tuple[str, "dict[str, str] | None"]]
+# our block path → (diffusers block path, local-name table or None for "same names")
+Anchors = dict[str, tuple[str, dict[str, str] | None]]
 
 
 def _join(*parts: str) -> str:
@@ -188,7 +189,7 @@ def text_module_map(text_encoder: nn.Module) -> dict[str, str]:
     tower = text_encoder.model
     anchors: Anchors = {"model.token_embedding": ("embeddings.token_embedding", None),
                         "model.ln_final": ("final_layer_norm", None),
-                        "model": ("", None)}
+                        "model": ("", {})}  # the tower root: no other module of its own
     for i, _ in enumerate(tower.transformer.resblocks):
         anchors[f"model.transformer.resblocks.{i}"] = (f"encoder.layers.{i}", _OPENCLIP_BLOCK)
     return _apply_anchors(text_encoder, anchors)
