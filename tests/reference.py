@@ -2,6 +2,7 @@
 with weights converted from our state dict by diffusers' own single-file converters."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ldm.model import LatentDiffusion
@@ -10,11 +11,16 @@ from ldm.model import LatentDiffusion
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
     """Give every parameter random values (zero-initialised layers would hide key mix-ups)."""
     gen = torch.Generator().manual_seed(seed)
+    # norm layers by type too: the UNet's GroupNorms sit in nn.Sequential slots ("in_layers.0"),
+    # and a near-zero gain there shrinks every residual branch until parity tests stop seeing it
+    norms = {f"{prefix}.{p}".lstrip(".") for prefix, mod in model.named_modules()
+             if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+             for p, _ in mod.named_parameters(recurse=False)}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("logit_scale"):
                 continue
-            if "norm" in name or name.split(".")[-2].startswith("ln"):
+            if name in norms or "norm" in name or name.split(".")[-2].startswith("ln"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen) if name.endswith("weight")
                         else 0.1 * torch.randn(p.shape, generator=gen))
             else:
@@ -67,3 +73,32 @@ def transformers_text_model(model: LatentDiffusion, state_dict: dict):
                  if k.startswith(("text_model.", "embeddings.", "encoder.", "final_layer_norm."))}
     hf.load_state_dict(converted, strict=True)
     return hf.eval()
+
+
+def random_tiny_model(kind: str, seed: int = 0, scale: float = 0.5) -> LatentDiffusion:
+    """Our tiny model of ``kind`` (see tests/tiny.py) with random weights, in eval mode.
+
+    ``scale`` 0.5 gives weights of std 1/sqrt(fan_in), which keeps activations of order one
+    through the network: every attention and residual path then moves the output by far more
+    than a 1e-4 tolerance (swapping one attention's keys and values changes it by ~0.1).
+    """
+    from tests.tiny import tiny_config
+
+    return randomize_(LatentDiffusion(tiny_config(kind)), seed=seed, scale=scale).eval()
+
+
+def max_error(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(largest absolute difference, largest absolute value of the reference), in float64."""
+    ours, reference = ours.double().cpu(), reference.double().cpu()
+    assert ours.shape == reference.shape, f"shape {tuple(ours.shape)} != {tuple(reference.shape)}"
+    return (ours - reference).abs().max().item(), reference.abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tiny-model forwards on one thread: for these sizes the thread pool costs more
+    than it saves, and on a busy machine its spin-waiting makes a 40 ms forward take seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
