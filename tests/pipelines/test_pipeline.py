@@ -305,3 +305,32 @@ def test_from_checkpoint_without_the_default_model(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline_module, "DEFAULT_CHECKPOINT", tmp_path / "tiny-shapes.safetensors")
     with pytest.raises(DefaultModelMissing, match="no default model is installed .*pass --checkpoint PATH"):
         Pipeline.from_checkpoint()
+
+
+# ------------------------------------------------------------------ no host syncs in the loop
+@pytest.mark.parametrize("mode,scheduler", [("txt2img", "ddim"), ("txt2img", "euler_a"),
+                                            ("inpaint", "dpmpp_2m")])
+def test_the_denoising_loop_never_reads_tensors_back(pipe, monkeypatch, mode, scheduler):
+    """On a GPU, turning a tensor into a Python value waits for every queued kernel. The loop in
+    pipelines/sampling.py must never do it (what diffusers' schedulers do inside is theirs)."""
+    import pipelines.sampling as sampling
+
+    offenders = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            import sys
+            caller = sys._getframe(1).f_code.co_filename
+            if caller == sampling.__file__:
+                offenders.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    if mode == "inpaint":
+        pipe.inpaint("a cat", dp.sample_image(16, 16), dp.box_mask(16, 16, (4, 4, 12, 12)),
+                     scheduler=scheduler, seed=1, guidance_rescale=0.5, **FAST)
+    else:
+        pipe.txt2img("a cat", scheduler=scheduler, seed=1, height=16, width=16, guidance_rescale=0.5,
+                     callback=lambda i, n, x: None, **FAST)
+    assert offenders == []
