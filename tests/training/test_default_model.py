@@ -1,0 +1,180 @@
+"""The default-model recipe: every stage runs a few steps, checkpoints, resumes exactly, and the
+assembled file is a CompVis-layout checkpoint of the shipped config."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.config import load_config
+from ldm.model import LatentDiffusion
+from training.default_model import assemble, clip, common, unet, vae
+from training.default_model.cli import main
+from training.default_model.common import RecipeError, Settings
+
+SMOKE = dict(steps=2, batch_size=2, warmup=1, save_every=1, quiet=True, cpu=True)
+
+
+def _settings(out: Path, config: Path | None = None, **changes) -> Settings:
+    fields = dict(SMOKE, out=out, **changes)
+    if config is not None:
+        fields["config"] = config
+    return Settings(**fields)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """One smoke run of the three training stages, shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("recipe")
+    config = out / "tiny-shapes.yaml"
+    shutil.copy(common.CONFIG_PATH, config)
+    vae.run(_settings(out, config), vae.VAEOptions(eval_images=4, scale_images=8))
+    clip.run(_settings(out, config), clip.CLIPOptions(eval_images=4))
+    unet.run(_settings(out, config), unet.UNetOptions(latents=6))
+    return out
+
+
+def test_stages_write_their_outputs(run_dir):
+    stats = json.loads((run_dir / "vae" / "stats.json").read_text())
+    assert math.isfinite(stats["psnr_db"]) and stats["scale_factor"] > 0
+    clip_stats = json.loads((run_dir / "clip" / "stats.json").read_text())
+    assert set(clip_stats["attribute_accuracy"]) == {"colour", "shape", "background", "size", "position"}
+    for stage, name in (("vae", "autoencoder"), ("clip", "text_encoder"), ("clip", "clip-image"),
+                        ("unet", "unet"), ("unet", "latents")):
+        assert (run_dir / stage / f"{name}.safetensors").is_file(), (stage, name)
+    # checkpoints every step, only the newest `keep` (2) kept
+    for stage in ("vae", "clip", "unet"):
+        assert sorted(p.name for p in (run_dir / stage / "checkpoints").iterdir()) == \
+            ["step-000001", "step-000002"]
+        losses = [json.loads(line) for line in (run_dir / stage / "loss.jsonl").read_text().splitlines()]
+        assert losses[-1]["step"] == 2 and math.isfinite(losses[-1]["loss"])
+
+
+def test_assembled_checkpoint_loads_into_the_shipped_config(run_dir, tmp_path):
+    config = tmp_path / "tiny-shapes.yaml"
+    shutil.copy(run_dir / "tiny-shapes.yaml", config)
+    stats = assemble.run(_settings(run_dir, config), assemble.AssembleOptions(weights_dir=tmp_path))
+    scale = json.loads((run_dir / "vae" / "stats.json").read_text())["scale_factor"]
+    cfg = load_config(config)
+    assert cfg.scale_factor == pytest.approx(scale, rel=1e-5)
+    assert "# 1 / std of the autoencoder's latents" in config.read_text()  # comments kept
+
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "tiny-shapes.safetensors"))
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    assert {k.split(".")[0] for k in state} == {"model", "first_stage_model", "cond_stage_model"}
+    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in state
+    assert stats["bytes"] <= 40 * 2 ** 20
+    model = LatentDiffusion(cfg)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    # the parts equal what the stages trained
+    trained_unet = load_file(str(run_dir / "unet" / "unet.safetensors"))
+    key = "out.2.weight"
+    assert torch.allclose(model.unet.state_dict()[key], trained_unet[key].half().float())
+    image_tower = load_file(str(tmp_path / "tiny-shapes-clip-image.safetensors"))
+    scorer = clip.load_clip(model.cond_stage_model, tmp_path / "tiny-shapes-clip-image.safetensors")
+    assert "visual.head.3.weight" in image_tower and "logit_scale" in image_tower
+    images = torch.zeros(2, 3, 64, 64)
+    scores = clip.clip_score(scorer, images, ["a red circle", "a blue square"])
+    assert scores.shape == (2,) and bool(torch.isfinite(scores).all())
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Two steps, then a resumed third step, end with the weights of three uninterrupted steps."""
+    opts = vae.VAEOptions(eval_images=2, scale_images=2)
+    vae.run(_settings(tmp_path / "a", steps=3), opts)
+    vae.run(_settings(tmp_path / "b", steps=3, save_every=2), opts)
+    shutil.rmtree(tmp_path / "b" / "vae" / "checkpoints" / "step-000003")
+    vae.run(_settings(tmp_path / "b", steps=3, resume="latest"), opts)
+    a = common.load_weights(tmp_path / "a" / "vae" / "autoencoder.safetensors")
+    b = common.load_weights(tmp_path / "b" / "vae" / "autoencoder.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_vae_loss_falls():
+    torch.manual_seed(0)
+    model = vae.AutoencoderKL(load_config(common.CONFIG_PATH).autoencoder)
+    images, _ = vae.render_batch(0, 0, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(15):
+        loss = vae.vae_loss(model, images, vae.VAEOptions())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_contrastive_loss_counts_identical_captions_as_matches():
+    def grad(captions):
+        logits = torch.tensor([[5.0, 5.0, 0.0], [5.0, 5.0, 0.0], [0.0, 0.0, 5.0]], requires_grad=True)
+        clip.contrastive_loss(logits, captions).backward()
+        return logits.grad
+
+    # two images with the same caption: nothing pushes their similarities apart
+    assert grad(["a red circle", "a red circle", "a blue square"]).abs().max() < 0.01
+    assert grad(["a red circle", "a green circle", "a blue square"])[0, 1] > 0.1
+    # with all captions distinct it is CLIP's symmetric cross-entropy on the diagonal
+    logits = torch.randn(4, 4)
+    labels = torch.arange(4)
+    expected = 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+                      + torch.nn.functional.cross_entropy(logits.T, labels))
+    assert clip.contrastive_loss(logits, list("abcd")).item() == pytest.approx(expected.item())
+
+
+def test_text_pooling_is_the_end_of_text_state_and_ignores_padding():
+    cfg = load_config(common.CONFIG_PATH).text
+    model = clip.ShapesCLIP(cfg).eval()
+    tokens = clip.tokenize(cfg, ["a red circle", "a small blue square on the left on a red background"])
+    with torch.no_grad():
+        pooled = model.encode_text(tokens)
+        hidden = model.text(tokens)  # the full 77-token sequence, as the UNet sees it
+        eot = (tokens == clip.EOT).int().argmax(1)
+        full = torch.nn.functional.normalize(model.text_projection(hidden[torch.arange(2), eot]), dim=-1)
+    assert torch.allclose(pooled, full, atol=1e-5)
+
+
+def test_unet_starts_with_a_zero_prediction():
+    cfg = load_config(common.CONFIG_PATH)
+    model = unet.zero_init_(unet.UNetModel(cfg.unet))
+    out = model(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, cfg.text.width))
+    assert out.abs().max() == 0
+
+
+def test_learning_rate_schedule():
+    s = Settings(steps=100, warmup=10, lr=1.0)
+    assert common.lr_at(0, s) == pytest.approx(0.1)
+    assert common.lr_at(9, s) == pytest.approx(1.0)
+    assert common.lr_at(10, s) == pytest.approx(1.0)
+    assert common.lr_at(100, s) == pytest.approx(0.1)
+    assert all(common.lr_at(i, s) >= common.lr_at(i + 1, s) for i in range(10, 100))
+
+
+def test_resume_and_missing_inputs_give_clear_errors(tmp_path, capsys):
+    with pytest.raises(RecipeError, match="no checkpoint"):
+        common.find_checkpoint(tmp_path, "latest")
+    with pytest.raises(RecipeError, match="not a checkpoint folder"):
+        common.find_checkpoint(tmp_path, str(tmp_path))
+    code = main(["unet", "--out", str(tmp_path), "--steps", "1", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "run the 'vae' stage first" in err and "Traceback" not in err
+    assert main(["vae", "--out", str(tmp_path), "--steps", "0"]) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err
+    assert main(["vae", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path):
+    opts = vae.VAEOptions(eval_images=2, scale_images=2)
+    vae.run(_settings(tmp_path, steps=1), opts)
+    with pytest.raises(RecipeError, match="--resume latest"):
+        vae.run(_settings(tmp_path, steps=1), opts)

@@ -1,0 +1,129 @@
+"""Command line of the default-model recipe (``python -m training.default_model``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .common import CONFIG_PATH, RecipeError, Settings
+
+STAGES = ("vae", "clip", "unet", "assemble", "all")
+
+
+def _stage_defaults(stage: str) -> dict:
+    from . import clip, unet, vae
+
+    return {"vae": vae.DEFAULTS, "clip": clip.DEFAULTS, "unet": unet.DEFAULTS}.get(stage, {})
+
+
+def _add_run_options(p: argparse.ArgumentParser, defaults: dict) -> None:
+    base = Settings(**defaults)
+    p.add_argument("--steps", type=int, default=base.steps, help="optimizer steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=base.batch_size,
+                   help="per-process batch size (default %(default)s)")
+    p.add_argument("--lr", type=float, default=base.lr, help="peak learning rate (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=base.warmup, help="warm-up steps (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=base.weight_decay)
+    p.add_argument("--save-every", type=int, default=base.save_every,
+                   help="checkpoint interval in steps (default %(default)s)")
+    p.add_argument("--keep", type=int, default=base.keep, help="checkpoints kept (default %(default)s)")
+    p.add_argument("--resume", metavar="latest|DIR", help="continue from a checkpoint")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/tiny-shapes"),
+                   help="run folder: per-stage checkpoints and outputs (default %(default)s)")
+    p.add_argument("--config", type=Path, default=CONFIG_PATH, help="model config (CompVis YAML)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.default_model",
+        description="Train the tiny-shapes default model from scratch, one stage at a time.")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    helps = {"vae": "1. KL autoencoder (f=8, 4 latent channels); PSNR and scale_factor",
+             "clip": "2. CLIP-trained text encoder and image tower",
+             "unet": "3. UNet on precomputed latents with 10%% empty captions",
+             "assemble": "4. write weights/tiny-shapes.safetensors and the config's scale_factor",
+             "all": "stages 1-4 with their default settings"}
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=helps[stage], description=helps[stage].replace("%%", "%"))
+        _add_common(p)
+        if stage in ("vae", "clip", "unet"):
+            _add_run_options(p, _stage_defaults(stage))
+        if stage == "vae":
+            p.add_argument("--kl-weight", type=float, default=1e-6)
+            p.add_argument("--edge-weight", type=float, default=0.5)
+            p.add_argument("--scale-images", type=int, default=2048,
+                           help="renders over which the latent std is measured")
+        if stage in ("vae", "clip"):
+            p.add_argument("--eval-images", type=int, default=512, help="fresh renders for evaluation")
+        if stage == "unet":
+            p.add_argument("--latents", type=int, default=40000, help="scenes encoded once")
+            p.add_argument("--caption-dropout", type=float, default=0.1)
+            p.add_argument("--ema-decay", type=float, default=0.999)
+        if stage in ("assemble", "all"):
+            p.add_argument("--weights-dir", type=Path, default=None,
+                           help="where the model files go (default: the project's weights/)")
+            p.add_argument("--write-config", type=Path, default=None,
+                           help="YAML whose scale_factor is set (default: --config)")
+    return parser
+
+
+def _settings(args, stage: str) -> Settings:
+    fields = dict(out=args.out, config=args.config, seed=args.seed, mixed_precision=args.mixed_precision,
+                  cpu=args.cpu, quiet=args.quiet)
+    if stage == args.stage:  # a single stage: its own options
+        fields.update(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                      weight_decay=args.weight_decay, save_every=args.save_every, keep=args.keep,
+                      resume=args.resume, num_workers=args.num_workers)
+    else:
+        fields.update(_stage_defaults(stage))
+    return Settings(**fields)
+
+
+def _run_stage(stage: str, args) -> None:
+    from . import assemble, clip, unet, vae
+
+    settings = _settings(args, stage)
+    single = stage == args.stage
+    if stage == "vae":
+        opts = vae.VAEOptions(kl_weight=args.kl_weight, edge_weight=args.edge_weight,
+                              eval_images=args.eval_images, scale_images=args.scale_images) \
+            if single else None
+        vae.run(settings, opts)
+    elif stage == "clip":
+        clip.run(settings, clip.CLIPOptions(eval_images=args.eval_images) if single else None)
+    elif stage == "unet":
+        opts = unet.UNetOptions(latents=args.latents, caption_dropout=args.caption_dropout,
+                                ema_decay=args.ema_decay) if single else None
+        unet.run(settings, opts)
+    else:
+        opts = assemble.AssembleOptions(write_config=args.write_config)
+        if args.weights_dir is not None:
+            opts.weights_dir = args.weights_dir
+        assemble.run(settings, opts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ldm.config import ConfigError
+
+    start = time.perf_counter()
+    stages = ("vae", "clip", "unet", "assemble") if args.stage == "all" else (args.stage,)
+    try:
+        if not args.config.is_file():
+            raise RecipeError(f"--config {args.config}: no such file")
+        for stage in stages:
+            _run_stage(stage, args)
+    except (RecipeError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.stage}: done in {time.perf_counter() - start:.1f} s wall time")
+    return 0
