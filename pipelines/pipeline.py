@@ -351,6 +351,7 @@ class Pipeline:
             if dtype != torch.float32 and not bool(torch.isfinite(x).all()):
                 warnings.warn(f"the autoencoder overflowed in {dtype}; decoding in float32 from now on",
                               stacklevel=4)
-                vae.to(torch.float32)
+                with torch.inference_mode(False):  # keep the parameters ordinary tensors
+                    vae.to(torch.float32)
                 x = vae.decode(latents.float() / self.model.scale_factor)
         return x

@@ -112,6 +112,7 @@ def test_half_precision_decode_falls_back_to_fp32(models):
     assert image.std() > 5 and image.mean() > 20  # not black, not flat
     vae = model.first_stage_model
     assert next(vae.parameters()).dtype == torch.float32
+    assert not next(vae.parameters()).is_inference()  # still usable outside inference mode
     with torch.no_grad():
         x = model.decode_first_stage(result.latents.float())
     expected = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
