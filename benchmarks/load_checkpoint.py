@@ -2,6 +2,7 @@
 ``StableDiffusionPipeline.from_single_file`` on a full-size SD1.5-shaped fp16 safetensors file.
 
     python benchmarks/load_checkpoint.py [--workdir /tmp/ldm-bench] [--runs 3] [--out benchmarks/out]
+                                         [--dtype fp16|fp32]
 
 The checkpoint (random weights, ~2.1 GB) and an offline diffusers config folder are written to the
 work folder once. Every measurement runs in a fresh Python process, so imports and peak RSS are
@@ -127,31 +128,49 @@ def _touch(modules) -> float:
     return time.perf_counter() - start
 
 
-def _measure(load, t0: float | None) -> dict:
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _measure(load, t0: float | None, imports_s: float) -> dict:
     start = time.perf_counter()
     modules = load()
     load_s = time.perf_counter() - start
-    result = {"load_s": load_s, **_memory()}
+    result = {"imports_s": imports_s, "load_s": load_s, **_memory()}
     if t0 is not None:
         result["total_s"] = time.time() - t0  # process start (spawn) to model ready
+    # CPU seconds of the process so far (imports included): robust when other work shares the CPUs
+    result["cpu_s"] = _cpu_s()
     result["touch_s"] = _touch(modules)
     result["peak_rss_after_touch_bytes"] = _memory()["peak_rss_bytes"]
     return result
 
 
+# Each loader's libraries are imported before its load is timed, so "load" is loading work alone
+# (load_model would otherwise import transformers' CLIP on first use); "total" counts everything.
+
 def measure_ours(path, *, config=CONFIG, dtype=None, t0: float | None = None) -> dict:
+    start = time.perf_counter()
+    import accelerate  # noqa: F401
     import torch
+    from transformers import CLIPTextModel  # noqa: F401
 
     from ldm.checkpoint import load_model
+    imports_s = time.perf_counter() - start
 
     dtype = dtype or torch.float16
-    return _measure(lambda: [load_model(path, config, dtype=dtype)], t0)
+    return _measure(lambda: [load_model(path, config, dtype=dtype)], t0, imports_s)
 
 
 def measure_diffusers(path, folder, *, dtype=None, t0: float | None = None) -> dict:
+    start = time.perf_counter()
+    import diffusers.loaders.single_file_utils  # noqa: F401
     import torch
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging
+    from transformers import CLIPTextModel  # noqa: F401
+    imports_s = time.perf_counter() - start
 
     logging.disable_progress_bar()
     dtype = dtype or torch.float16
@@ -161,22 +180,28 @@ def measure_diffusers(path, folder, *, dtype=None, t0: float | None = None) -> d
             str(path), config=str(folder), local_files_only=True, torch_dtype=dtype)
         return [pipe.unet, pipe.vae, pipe.text_encoder]
 
-    return _measure(load, t0)
+    return _measure(load, t0, imports_s)
 
 
 # ------------------------------------------------------------------------------------- driver
 
+def _dtype(name: str):
+    import torch
+
+    return {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
 def _child(args) -> None:
     if args.child == "ours":
-        result = measure_ours(args.checkpoint, t0=args.t0)
+        result = measure_ours(args.checkpoint, dtype=_dtype(args.dtype), t0=args.t0)
     else:
-        result = measure_diffusers(args.checkpoint, args.folder, t0=args.t0)
+        result = measure_diffusers(args.checkpoint, args.folder, dtype=_dtype(args.dtype), t0=args.t0)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _spawn(which: str, checkpoint: Path, folder: Path) -> dict:
+def _spawn(which: str, checkpoint: Path, folder: Path, dtype: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", which, "--checkpoint",
-           str(checkpoint), "--folder", str(folder)]
+           str(checkpoint), "--folder", str(folder), "--dtype", dtype]
     t0 = time.time()
     proc = subprocess.run(cmd + ["--t0", repr(t0)], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -192,6 +217,7 @@ def summarise(runs: dict[str, list[dict]], file_size: int) -> dict:
         "file_bytes": file_size, "medians": med,
         "time_ratio_total": ours["total_s"] / theirs["total_s"],
         "time_ratio_load": ours["load_s"] / theirs["load_s"],
+        "cpu_ratio": ours["cpu_s"] / theirs["cpu_s"],
         "ours_peak_rss_over_file": ours["peak_rss_bytes"] / file_size,
         "diffusers_peak_rss_over_file": theirs["peak_rss_bytes"] / file_size,
         "bar_time_met": ours["total_s"] <= theirs["total_s"],
@@ -199,18 +225,20 @@ def summarise(runs: dict[str, list[dict]], file_size: int) -> dict:
     }
 
 
-def markdown(summary: dict, runs: dict, env: str) -> str:
+def markdown(summary: dict, runs: dict, env: str, dtype: str = "fp16") -> str:
     gb = 1e9
     med = summary["medians"]
     rows = [
         ("process start → model ready (s)", "total_s", 1, "{:.2f}"),
-        ("load call only (s)", "load_s", 1, "{:.2f}"),
+        ("imports (s)", "imports_s", 1, "{:.2f}"),
+        ("load call, libraries already imported (s)", "load_s", 1, "{:.2f}"),
+        ("process CPU time, imports included (s)", "cpu_s", 1, "{:.2f}"),
         ("peak RSS after load (GB)", "peak_rss_bytes", gb, "{:.2f}"),
         ("  of which file-backed at the end (GB)", "rssfile_bytes", gb, "{:.2f}"),
         ("first read of every weight (s)", "touch_s", 1, "{:.2f}"),
         ("peak RSS after that read (GB)", "peak_rss_after_touch_bytes", gb, "{:.2f}"),
     ]
-    lines = [f"File: {summary['file_bytes'] / gb:.2f} GB fp16 SD1.5-shaped safetensors, loaded as fp16 "
+    lines = [f"File: {summary['file_bytes'] / gb:.2f} GB fp16 SD1.5-shaped safetensors, loaded as {dtype} "
              f"on CPU. Medians of {len(runs['ours'])} fresh processes each, alternating. {env}", "",
              "| metric | ours | diffusers from_single_file | ours / diffusers |", "|---|---|---|---|"]
     for label, key, scale, fmt in rows:
@@ -231,6 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/ldm-bench"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16",
+                   help="dtype to load as (the file is fp16)")
     p.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -261,7 +291,7 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {"ours": [], "diffusers": []}
     for i in range(args.runs):
         for which in ("ours", "diffusers"):
-            runs[which].append(_spawn(which, checkpoint, folder))
+            runs[which].append(_spawn(which, checkpoint, folder, args.dtype))
             r = runs[which][-1]
             print(f"run {i + 1} {which:9s} total {r['total_s']:6.2f} s  load {r['load_s']:6.2f} s  "
                   f"peak RSS {r['peak_rss_bytes'] / 1e9:5.2f} GB", flush=True)
@@ -269,10 +299,11 @@ def main(argv=None) -> int:
     env = (f"torch {torch.__version__}, Python {platform.python_version()}, "
            f"{platform.machine()} with {__import__('os').cpu_count()} CPUs.")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "load_checkpoint.json").write_text(
-        json.dumps({"summary": summary, "runs": runs, "environment": env}, indent=2))
-    table = markdown(summary, runs, env)
-    (args.out / "load_checkpoint.md").write_text(table)
+    stem = "load_checkpoint" if args.dtype == "fp16" else f"load_checkpoint-{args.dtype}"
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"dtype": args.dtype, "summary": summary, "runs": runs, "environment": env}, indent=2))
+    table = markdown(summary, runs, env, args.dtype)
+    (args.out / f"{stem}.md").write_text(table)
     print(table)
     return 0
 

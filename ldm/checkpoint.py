@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import secrets
@@ -121,22 +122,42 @@ def _safetensors_entries(path: Path, size: int) -> tuple[int, list[tuple[str, to
     return start, entries
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Views into one private (copy-on-write) memory map of the file: nothing is copied or read
+class _MappedFile:
+    """A private (copy-on-write) memory map of a whole file, viewed as bytes by torch."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.flat = torch.frombuffer(self.mm, dtype=torch.uint8)  # shares the mapping, no copy
+        self.base = self.flat.data_ptr()
+
+    def release(self, t: torch.Tensor) -> None:
+        """Drop the pages under ``t`` from this process's resident set once ``t`` was copied
+        elsewhere. Nothing is ever written to the mapping, so a later read refaults from the file."""
+        start = t.data_ptr() - self.base
+        end = start + t.numel() * t.element_size()
+        if not hasattr(self.mm, "madvise") or start < 0 or end > len(self.mm) or end <= start:
+            return
+        page = mmap.PAGESIZE
+        lo, hi = start // page * page, min(-(-end // page) * page, len(self.mm))
+        self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], _MappedFile | None]:
+    """Views into one memory map of the file: nothing is copied, and nothing is read from disk
     until a tensor's pages are touched."""
     size = path.stat().st_size
     start, entries = _safetensors_entries(path, size)
     if not entries:
-        return {}
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+        return {}, None
+    mapped = _MappedFile(path)
     out = {}
     for name, dtype, shape, begin, end in entries:
-        t = flat[start + begin: start + end]
+        t = mapped.flat[start + begin: start + end]
         if (start + begin) % dtype.itemsize:
             t = t.clone()  # the format does not promise alignment; misaligned data is copied
         out[name] = t.view(dtype).view(shape)
-    return out
+    return out, mapped
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -171,10 +192,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def read_state_dict(path, *, device="cpu") -> dict[str, torch.Tensor]:
-    """Tensors of a single-file checkpoint by key. Safetensors files are memory-mapped (no copy);
-    pickles are read with ``weights_only=True`` and a top-level ``state_dict`` is unwrapped."""
-    path = Path(path)
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], _MappedFile | None]:
     if not path.exists():
         raise _fail(path, "no such file")
     if path.is_dir():
@@ -182,17 +200,25 @@ def read_state_dict(path, *, device="cpu") -> dict[str, torch.Tensor]:
     size = path.stat().st_size
     if size == 0:
         raise _fail(path, "empty file")
-    with open(path, "rb") as f:
-        head = f.read(512)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        raise _fail(path, f"cannot read ({exc.strerror or exc})") from None
     looks_safetensors = len(head) > 8 and head[8:9] == b"{" and \
         int.from_bytes(head[:8], "little") <= size - 8
     if path.suffix.lower() == ".safetensors" or looks_safetensors:
-        sd = _read_safetensors(path)
-    elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip / legacy pickle
-        sd = _read_pickle(path)
-    else:
-        kind = "a text file" if _looks_like_text(head) else "unrecognised bytes"
-        raise _fail(path, f"not a checkpoint ({kind}; expected safetensors or a PyTorch zip/pickle)")
+        return _read_safetensors(path)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip / legacy pickle
+        return _read_pickle(path), None
+    kind = "a text file" if _looks_like_text(head) else "unrecognised bytes"
+    raise _fail(path, f"not a checkpoint ({kind}; expected safetensors or a PyTorch zip/pickle)")
+
+
+def read_state_dict(path, *, device="cpu") -> dict[str, torch.Tensor]:
+    """Tensors of a single-file checkpoint by key. Safetensors files are memory-mapped (no copy);
+    pickles are read with ``weights_only=True`` and a top-level ``state_dict`` is unwrapped."""
+    sd, _ = _read(Path(path))
     if torch.device(device).type != "cpu":
         sd = {k: v.to(device) for k, v in sd.items()}
     return sd
@@ -247,10 +273,12 @@ def _ema_tensors(ema: dict[str, torch.Tensor], expected: Mapping, path) -> dict[
 
 
 def prepare_state_dict(sd: Mapping[str, torch.Tensor], model: torch.nn.Module, cfg: ModelConfig,
-                       *, path, dtype: torch.dtype, use_ema: bool = False,
-                       hint: str = "") -> dict[str, torch.Tensor]:
+                       *, path, dtype: torch.dtype, use_ema: bool = False, hint: str = "",
+                       release: Callable[[torch.Tensor], None] | None = None
+                       ) -> dict[str, torch.Tensor]:
     """Drop the known harmless extras, swap in EMA weights if asked, check every key and shape
-    against ``model`` (any mismatch is an error naming the keys), and cast floats to ``dtype``."""
+    against ``model`` (any mismatch is an error naming the keys), and cast floats to ``dtype``
+    (``release(original)`` is called after each cast, to give back the source's memory)."""
     expected = model.state_dict(keep_vars=True)
     kept, ema = {}, {}
     for k, v in sd.items():
@@ -279,7 +307,10 @@ def prepare_state_dict(sd: Mapping[str, torch.Tensor], model: torch.nn.Module, c
     out = {}
     for k, v in kept.items():
         if v.is_floating_point() and v.dtype != dtype:
-            v = v.to(dtype)  # only here is a copy made
+            converted = v.to(dtype)  # only here is a copy made
+            if release is not None:
+                release(v)
+            v = converted
         out[k] = v
     return out
 
@@ -350,7 +381,7 @@ def load_model(path, config=None, *, dtype=torch.float32, device="cpu", use_ema:
         raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
     if path.is_dir():
         return _load_folder(path, config, dtype, device, use_ema, prediction)
-    sd = read_state_dict(path)
+    sd, mapped = _read(path)
     cfg, source, detection = _resolve_config(config, path, sd, prediction)
     cfg = _with_prediction(cfg, prediction)
     hint = ""
@@ -366,8 +397,11 @@ def load_model(path, config=None, *, dtype=torch.float32, device="cpu", use_ema:
     # non-persistent ones (position ids, attention mask, alphas_cumprod) need nothing from the file.
     with init_empty_weights():
         model = LatentDiffusion(cfg)
-    weights = prepare_state_dict(sd, model, cfg, path=path, dtype=dtype, use_ema=use_ema, hint=hint)
-    del sd
+    # a cast copies; the mapped source pages are then dropped, so peak memory stays near the
+    # size of the converted weights instead of converted + file
+    weights = prepare_state_dict(sd, model, cfg, path=path, dtype=dtype, use_ema=use_ema, hint=hint,
+                                 release=mapped.release if mapped is not None else None)
+    del sd, mapped
     model.load_state_dict(weights, strict=True, assign=True)
     _assert_materialised(model, path)
     model.eval()
