@@ -222,13 +222,12 @@ def parse_config(tree: dict, source: str = "config") -> ModelConfig:
         params = dict(_section(tree, "model.params"))
         unet_sec = _section(tree, "model.params.unet_config")
         _check_target(unet_sec, "model.params.unet_config", _UNET_TARGETS)
-        unet = _build(UNetConfig, _section(unet_sec, "params"), "model.params.unet_config.params",
-                      ignore=_UNET_IGNORED)
+        unet_path = "model.params.unet_config.params"
+        unet = _build(UNetConfig, _section(tree, unet_path), unet_path, ignore=_UNET_IGNORED)
         vae_sec = _section(tree, "model.params.first_stage_config")
         _check_target(vae_sec, "model.params.first_stage_config", _VAE_TARGETS)
-        vae_params = _section(vae_sec, "params")
         ddconfig = dict(_section(tree, "model.params.first_stage_config.params.ddconfig"))
-        ddconfig["embed_dim"] = _section(vae_params, "embed_dim")
+        ddconfig["embed_dim"] = _section(tree, "model.params.first_stage_config.params.embed_dim")
         vae = _build(AutoencoderConfig, ddconfig, "model.params.first_stage_config.params.ddconfig")
         text = _text_config(_section(tree, "model.params.cond_stage_config"))
         for key in ("unet_config", "first_stage_config", "cond_stage_config"):
