@@ -165,6 +165,23 @@ class Pipeline:
                   num_images: int = 1, eta: float = 0.0, clip_skip: int = 0,
                   guidance_rescale: float = 0.0, callback=None, progress: bool = True,
                   output_type: str = "pil", return_latents: bool = False) -> GenerationResult:
+        """The shared flow of the three entry points. Keyword arguments:
+
+        negative_prompt     what to steer away from ("" = the empty prompt), one or one per prompt
+        num_inference_steps scheduler steps (img2img/inpaint run the last ``int(steps·strength)``)
+        guidance_scale      classifier-free guidance g; 1 turns the unconditional pass off
+        scheduler           a name from ``pipelines.schedulers.SCHEDULERS``
+        seed / generator    image i uses ``Generator("cpu").manual_seed(seed + i)``; or explicit
+                            generator(s), as diffusers takes them (not both)
+        height, width       multiples of 8; default: the model's size (txt2img) or the image's
+        num_images          images per prompt; a list of prompts gives len(prompts)·num_images
+        eta                 DDIM's η (0 = deterministic); ignored by other schedulers
+        clip_skip           text-encoder blocks to skip at the end (0 = as trained)
+        guidance_rescale    φ of Lin et al. 2023 §3.4 (0 = off; 0.7 suggested for v-models)
+        callback            ``callback(i, total, latents)`` after each step; ``False`` stops
+        progress            show a tqdm bar
+        output_type         "pil" or "latent" (no decode); return_latents keeps them with images
+        """
         model, cfg = self.model, self.model.config
 
         # 1. check inputs (everything, before any work)
