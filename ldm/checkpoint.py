@@ -304,14 +304,19 @@ def prepare_state_dict(sd: Mapping[str, torch.Tensor], model: torch.nn.Module, c
     if problems:
         raise _fail(path, "does not fit the model config: " + "; ".join(problems) + hint)
 
-    out = {}
+    out, sources = {}, []
     for k, v in kept.items():
         if v.is_floating_point() and v.dtype != dtype:
-            converted = v.to(dtype)  # only here is a copy made
+            out[k] = v.to(dtype)  # only here is a copy made
             if release is not None:
                 release(v)
-            v = converted
-        out[k] = v
+                sources.append(v)
+        else:
+            out[k] = v
+    # the kernel maps a few neighbouring pages on each fault (fault-around), some of them already
+    # released: one last pass gives those back too
+    for v in sources:
+        release(v)
     return out
 
 

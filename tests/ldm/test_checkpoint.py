@@ -344,6 +344,50 @@ def test_same_dtype_load_keeps_the_memory_map(tmp_path):
     assert model.alphas_cumprod.dtype == torch.float32  # the schedule keeps full precision
 
 
+def _mapped_rss_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = fields[-1] == str(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc smaps")
+def test_cast_gives_back_the_mapped_pages(tmp_path):
+    from accelerate import init_empty_weights
+
+    path = _write(tmp_path, {k: v.half() for k, v in _state().items()})
+    with init_empty_weights():
+        model = LatentDiffusion(tiny_config("sd1"))
+    size_kb = path.stat().st_size // 1024
+    results = {}
+    for release in (False, True):
+        sd, mapped = ckpt_mod._read(path)
+        weights = ckpt_mod.prepare_state_dict(sd, model, model.config, path=path, dtype=torch.float32,
+                                              release=mapped.release if release else None)
+        results[release] = _mapped_rss_kb(path)
+        for k, v in weights.items():  # the casts are right either way
+            assert v.dtype == torch.float32 and torch.equal(v, sd[k].float()), k
+        del sd, mapped, weights
+    assert results[False] > 0.9 * size_kb  # every page was read for the cast, and stays resident
+    assert results[True] < 0.1 * size_kb  # ... unless it is given back after the cast
+
+    # while casting: the resident part of the mapping stays near one tensor, not the whole file
+    big = _write(tmp_path, {f"t{i}": torch.full((1 << 20,), float(i)).half() for i in range(8)},
+                 "big.safetensors")
+    sd, mapped = ckpt_mod._read(big)
+    peaks = []
+    for v in sd.values():
+        v.float()
+        mapped.release(v)
+        peaks.append(_mapped_rss_kb(big))
+    assert max(peaks) < 2 * 2048  # kB: under two 2 MB tensors at any time
+
+
 def test_config_sources(tmp_path):
     sd = _state("sd2-v")
     path = _write(tmp_path, sd, kind="sd2-v")
