@@ -399,7 +399,7 @@ def load_model(path, config=None, *, dtype=torch.float32, device="cpu", use_ema:
     from accelerate import init_empty_weights
 
     # Parameters are created on the meta device (no memory, no init); buffers stay real, so the
-    # non-persistent ones (position ids, attention mask, alphas_cumprod) need nothing from the file.
+    # non-persistent ones (position ids, attention mask) need nothing from the file.
     with init_empty_weights():
         model = LatentDiffusion(cfg)
     # a cast copies; the mapped source pages are then dropped, so peak memory stays near the

@@ -65,8 +65,8 @@ class LatentDiffusion(nn.Module):
         self.cond_stage_model = build_text_encoder(cfg.text)
         self.prediction = Prediction(cfg.parameterization)
         self.scale_factor = cfg.scale_factor
-        self.register_buffer("alphas_cumprod", torch.cumprod(1 - make_betas(cfg), 0).float(),
-                             persistent=False)
+        # a plain attribute, not a buffer: model.to(float16) must not round the schedule
+        self.alphas_cumprod = torch.cumprod(1 - make_betas(cfg), 0).float()
 
     @property
     def unet(self) -> UNetModel:
@@ -104,7 +104,7 @@ class LatentDiffusion(nn.Module):
 
     # diffusion
     def _coefficients(self, t: torch.Tensor, like: torch.Tensor):
-        ac = self.alphas_cumprod.to(like.device)[t.long()].to(torch.float32)
+        ac = self.alphas_cumprod.to(like.device)[t.long().to(like.device)]
         shape = (-1,) + (1,) * (like.dim() - 1)
         return ac.sqrt().view(shape), (1 - ac).sqrt().view(shape)
 
