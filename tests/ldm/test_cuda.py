@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.modules.attention import xformers_available
+from ldm.modules.attention import attention, xformers_available
 from tests.ldm.test_parity import PROMPTS, reference_text, unet_inputs
 from tests.reference import (diffusers_unet, diffusers_vae, max_error, random_tiny_model,
                              transformers_text_model)
@@ -80,8 +80,6 @@ def test_backends_agree_on_cuda():
     """SDPA's fused kernels against the explicit math path, both in fp16 on the GPU."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 8, n, 64, generator=gen).to(CUDA, torch.float16) for n in (4096, 77, 77))
-    from ldm.modules.attention import attention
-
     ref = attention(q.float(), k.float(), v.float(), "math")
     backends = ["sdpa", "math"] + (["xformers"] if xformers_available(CUDA, torch.float16) else [])
     for backend in backends:
