@@ -139,12 +139,18 @@ OPENCLIP_TEXT_ARCHS = {
 }
 
 
-def _section(tree: dict, path: str) -> Any:
+def _section(tree: dict, path: str, mapping: bool = False) -> Any:
     node: Any = tree
+    walked = []
     for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{'.'.join(walked) or 'config'}' must be a mapping, got {node!r}")
+        if part not in node:
             raise ConfigError(f"missing field '{path}'")
         node = node[part]
+        walked.append(part)
+    if mapping and not isinstance(node, dict):
+        raise ConfigError(f"'{path}' must be a mapping, got {node!r}")
     return node
 
 
@@ -167,8 +173,9 @@ def _build(cls, params: dict, path: str, renames: dict[str, str] | None = None, 
             raise ConfigError(f"unknown field '{path}.{key}'")
         default = names[key].default
         if isinstance(default, tuple):
-            if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"'{path}.{key}' must be a list, got {value!r}")
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"'{path}.{key}' must be a list of integers, got {value!r}")
             value = tuple(value)
         elif isinstance(default, bool):
             if not isinstance(value, bool):
@@ -199,7 +206,10 @@ _UNET_IGNORED = {"image_size", "use_fp16", "use_spatial_transformer", "num_heads
 
 def _text_config(section: dict) -> TextEncoderConfig:
     kind = _TEXT_TARGETS[_check_target(section, "model.params.cond_stage_config", _TEXT_TARGETS)]
-    params = dict(section.get("params") or {})
+    params = section.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"'model.params.cond_stage_config.params' must be a mapping, got {params!r}")
+    params = dict(params)
     params.pop("freeze", None)
     params.pop("device", None)
     params.pop("version", None)  # a hub name in CompVis configs; weights come from the checkpoint
@@ -217,19 +227,21 @@ def _text_config(section: dict) -> TextEncoderConfig:
 def parse_config(tree: dict, source: str = "config") -> ModelConfig:
     """Turn a CompVis YAML tree into a :class:`ModelConfig`; errors name the offending field."""
     try:
-        model = _section(tree, "model")
+        model = _section(tree, "model", mapping=True)
         conditioning = _LDM_TARGETS[_check_target(model, "model", _LDM_TARGETS)]
-        params = dict(_section(tree, "model.params"))
-        unet_sec = _section(tree, "model.params.unet_config")
+        params = dict(_section(tree, "model.params", mapping=True))
+        unet_sec = _section(tree, "model.params.unet_config", mapping=True)
         _check_target(unet_sec, "model.params.unet_config", _UNET_TARGETS)
         unet_path = "model.params.unet_config.params"
-        unet = _build(UNetConfig, _section(tree, unet_path), unet_path, ignore=_UNET_IGNORED)
-        vae_sec = _section(tree, "model.params.first_stage_config")
+        unet = _build(UNetConfig, _section(tree, unet_path, mapping=True), unet_path,
+                      ignore=_UNET_IGNORED)
+        vae_sec = _section(tree, "model.params.first_stage_config", mapping=True)
         _check_target(vae_sec, "model.params.first_stage_config", _VAE_TARGETS)
-        ddconfig = dict(_section(tree, "model.params.first_stage_config.params.ddconfig"))
-        ddconfig["embed_dim"] = _section(tree, "model.params.first_stage_config.params.embed_dim")
-        vae = _build(AutoencoderConfig, ddconfig, "model.params.first_stage_config.params.ddconfig")
-        text = _text_config(_section(tree, "model.params.cond_stage_config"))
+        vae_path = "model.params.first_stage_config.params"
+        ddconfig = dict(_section(tree, vae_path + ".ddconfig", mapping=True))
+        ddconfig["embed_dim"] = _section(tree, vae_path + ".embed_dim")
+        vae = _build(AutoencoderConfig, ddconfig, vae_path + ".ddconfig")
+        text = _text_config(_section(tree, "model.params.cond_stage_config", mapping=True))
         for key in ("unet_config", "first_stage_config", "cond_stage_config"):
             params.pop(key)
         params.setdefault("conditioning_key", conditioning)
@@ -259,7 +271,10 @@ def validate(cfg: ModelConfig, source: str = "config") -> None:
             bad(f"unet_config.params: channels at level {i} must be a multiple of 32 (GroupNorm)")
     if cfg.conditioning_key == "hybrid" and cfg.unet.in_channels != 9:
         bad("an inpainting model (conditioning_key hybrid) needs unet in_channels 9")
-    cfg.text.skip_layers()
+    try:
+        cfg.text.skip_layers()
+    except ConfigError as exc:
+        bad(str(exc))
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import html
 import importlib.util
 from pathlib import Path
 
@@ -75,10 +76,18 @@ def tokenizer_for(cfg: TextEncoderConfig):
     return clip_tokenizer(pad, cfg.max_length)
 
 
+def clean_text(text: str) -> str:
+    """The cleaning CLIP's own tokenizers apply before BPE (ftfy repair, HTML entities twice,
+    whitespace runs folded): curly quotes, full-width letters and "&amp;" tokenize as open_clip does."""
+    import ftfy
+
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
+
+
 def tokenize(cfg: TextEncoderConfig, texts: list[str]) -> torch.Tensor:
     """Ids of shape (len(texts), max_length): start token, up to max_length-2 tokens, end, padding."""
     tok = tokenizer_for(cfg)
-    return tok(list(texts), padding="max_length", truncation=True, max_length=cfg.max_length,
+    return tok([clean_text(t) for t in texts], padding="max_length", truncation=True, max_length=cfg.max_length,
                return_tensors="pt").input_ids
 
 

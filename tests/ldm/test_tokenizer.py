@@ -27,11 +27,8 @@ NEEDS_CLEANING = [
     "\ufb01ne ligature",
     "salt &amp; pepper, a &lt;b&gt; c",
 ]
-CLEANING_BUG = ("ldm/modules/text.py tokenize() skips the ftfy.fix_text + html.unescape cleaning "
-                "that open_clip.tokenize applies")
 
 
-@pytest.mark.xfail(strict=True, reason=CLEANING_BUG)
 @pytest.mark.parametrize("prompt", NEEDS_CLEANING)
 def test_text_is_cleaned_like_open_clip(prompt):
     import open_clip
