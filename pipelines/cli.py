@@ -49,6 +49,9 @@ def _read_prompts(path: str) -> list[str]:
 def _check_model_args(args) -> None:
     if args.checkpoint is not None and not Path(args.checkpoint).exists():
         raise CommandError(f"checkpoint {args.checkpoint}: no such file")
+    for path, _ in args.lora:
+        if not Path(path).is_file():
+            raise CommandError(f"LoRA {path}: no such file")
     if args.config is not None:
         from ldm.config import load_config
         load_config(args.config)  # ConfigError names the file and the field
@@ -83,6 +86,10 @@ def _load_pipeline(args):
                                     prediction=args.prediction)
     if args.vae_tiling:
         pipe.enable_vae_tiling(True)
+    if args.lora:
+        from ldm.lora import apply_lora
+        for path, scale in args.lora:
+            apply_lora(pipe.model, path, scale=scale)
     return pipe
 
 
@@ -239,6 +246,10 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("LDM_DEBUG", "") not in ("", "0")
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if argv[:1] == ["train-lora"]:  # training has its own parser; imported only when asked for
+            from training.lora import run
+            return run(argv[1:])
         args = build_parser().parse_args(argv)
         check(args)
         return info(args) if args.command == "info" else generate(args)

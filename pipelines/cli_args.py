@@ -56,6 +56,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _lora(text: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:SCALE`` (a trailing ``:number`` is the scale; default 1)."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def _generation_options(p: argparse.ArgumentParser, strength: float | None, mask: bool) -> None:
     p.add_argument("prompt", nargs="?", metavar="PROMPT",
                    help="what to draw; A1111 emphasis such as (word:1.3) is understood")
@@ -84,6 +95,8 @@ def _generation_options(p: argparse.ArgumentParser, strength: float | None, mask
     m.add_argument("--dtype", choices=DTYPES, help="default: fp16 on CUDA, fp32 on CPU")
     m.add_argument("--attention", choices=ATTENTION, default="sdpa",
                    help="attention kernel (default: sdpa; xformers falls back to sdpa when unusable)")
+    m.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA (kohya or diffusers file) at SCALE (default 1); repeatable")
     m.add_argument("--vae-tiling", action="store_true",
                    help="decode large images in overlapping tiles to save memory")
     s = p.add_argument_group("sampling")
@@ -122,6 +135,9 @@ def build_parser() -> Parser:
     _generation_options(sub.add_parser("inpaint", help="repaint the masked part of an image",
                                        description="Repaint the white part of --mask in --image."),
                         strength=1.0, mask=True)
+    # parsed by training.lora (the ldm entry point hands it the rest of the command line)
+    sub.add_parser("train-lora", add_help=False, help="fine-tune a LoRA on a folder of captioned "
+                   "images (see 'ldm train-lora --help')")
     info = sub.add_parser("info", help="show an image's generation parameters or a checkpoint's family",
                           description="For a PNG: print the stored generation parameters (A1111 "
                           "text). For a checkpoint: print its detected family and contents.")

@@ -1,0 +1,264 @@
+"""Image-caption folders for fine-tuning, in the two layouts users already have:
+
+* kohya / A1111: ``photo.png`` next to ``photo.txt`` holding its caption (sub-folders are searched);
+* diffusers imagefolder: a ``metadata.jsonl`` with one ``{"file_name": ..., "text": ...}`` per line.
+
+Items are addressed by a *key* rather than an index: ``key = epoch · N + i`` is example ``i`` in epoch
+``epoch``, and every random choice for it (crop, flip, caption dropout) comes from a generator
+seeded by (seed, key). A run resumed at any step, or split across processes, therefore sees exactly
+the examples and augmentations an uninterrupted single run would.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA = "metadata.jsonl"
+
+
+class DataError(ValueError):
+    """A training folder that cannot be used, with the files concerned."""
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    caption: str
+
+
+def _listing(items, limit: int = 5) -> str:
+    items = [str(i) for i in items]
+    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _from_metadata(root: Path, meta: Path) -> list[Example]:
+    examples, missing = [], []
+    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{meta}: line {n} is not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise DataError(f"{meta}: line {n} has no \"file_name\"")
+        text = row.get("text", row.get("caption"))
+        if not isinstance(text, str):
+            raise DataError(f"{meta}: line {n} ({row['file_name']}) has no \"text\" caption")
+        path = root / row["file_name"]
+        if not path.is_file():
+            missing.append(row["file_name"])
+        examples.append(Example(path, text.strip()))
+    if missing:
+        raise DataError(f"{meta}: {len(missing)} listed images do not exist: {_listing(missing)}")
+    return examples
+
+
+def _from_caption_files(root: Path) -> list[Example]:
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    examples, missing = [], []
+    for path in images:
+        caption = path.with_suffix(".txt")
+        if not caption.is_file():
+            missing.append(path.relative_to(root))
+            continue
+        try:
+            examples.append(Example(path, caption.read_text(encoding="utf-8").strip()))
+        except UnicodeDecodeError:
+            raise DataError(f"{caption}: caption is not UTF-8 text") from None
+    if missing:
+        raise DataError(f"{root}: {len(missing)} images have no caption file (same name, .txt): "
+                        f"{_listing(missing)}")
+    return examples
+
+
+def scan_folder(root, check_images: bool = True) -> list[Example]:
+    """The examples of a training folder; raises :class:`DataError` naming what is wrong."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"training data {root}: no such folder")
+    if not root.is_dir():
+        raise DataError(f"training data {root}: not a folder")
+    meta = root / METADATA
+    examples = _from_metadata(root, meta) if meta.is_file() else _from_caption_files(root)
+    if not examples:
+        raise DataError(f"training data {root}: no images in it (looked for "
+                        f"{', '.join(IMAGE_SUFFIXES)} with .txt captions, or a {METADATA})")
+    if check_images:
+        from PIL import Image
+
+        bad = []
+        for ex in examples:
+            try:
+                with Image.open(ex.path) as im:
+                    im.verify()
+            except Exception:  # PIL raises many kinds for broken files
+                bad.append(ex.path.relative_to(root) if ex.path.is_relative_to(root) else ex.path)
+        if bad:
+            raise DataError(f"training data {root}: {len(bad)} images cannot be read: {_listing(bad)}")
+    return examples
+
+
+# ---------------------------------------------------------------------------------- transforms
+
+def key_rng(seed: int, key: int) -> random.Random:
+    """The generator behind every random choice for one item."""
+    return random.Random(seed * 1_000_003 + key)
+
+
+def load_rgb(path: Path):
+    from pipelines.images import load_image
+
+    return load_image(path)
+
+
+def crop_box(width: int, height: int, size: int, rng: random.Random | None) -> tuple[int, int, int, int]:
+    """After scaling the short side to ``size``: the square to keep (centre, or random)."""
+    if width < height:
+        w, h = size, max(size, round(height * size / width))
+    else:
+        w, h = max(size, round(width * size / height)), size
+    x = (w - size) // 2 if rng is None else rng.randint(0, w - size)
+    y = (h - size) // 2 if rng is None else rng.randint(0, h - size)
+    return w, h, x, y
+
+
+def to_tensor(image) -> torch.Tensor:
+    """PIL RGB → float (3, H, W) in [-1, 1]."""
+    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def prepare_image(path: Path, size: int, rng: random.Random | None, flip: bool) -> torch.Tensor:
+    from PIL import Image
+
+    image = load_rgb(path)
+    w, h, x, y = crop_box(*image.size, size, rng)
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
+    image = image.crop((x, y, x + size, y + size))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(image)
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+@dataclass
+class Augment:
+    resolution: int
+    random_crop: bool = False
+    flip: bool = False  # horizontal flip with probability 1/2
+    caption_dropout: float = 0.0  # probability of training on the empty caption
+    seed: int = 0
+
+
+class ImageCaptions(Dataset):
+    """Items ``{"pixels": (3, R, R) in [-1, 1], "caption": str}`` by key (see module docstring)."""
+
+    def __init__(self, examples: list[Example], augment: Augment):
+        self.examples, self.augment = examples, augment
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def choices(self, key: int) -> tuple[int, random.Random, bool, bool]:
+        """(example index, its crop generator or None, flip, drop the caption)."""
+        a = self.augment
+        rng = key_rng(a.seed, key)
+        flip = a.flip and rng.random() < 0.5
+        drop = a.caption_dropout > 0 and rng.random() < a.caption_dropout
+        return key % len(self.examples), (rng if a.random_crop else None), flip, drop
+
+    def __getitem__(self, key: int) -> dict:
+        i, crop_rng, flip, drop = self.choices(key)
+        ex = self.examples[i]
+        pixels = prepare_image(ex.path, self.augment.resolution, crop_rng, flip)
+        return {"pixels": pixels, "caption": "" if drop else ex.caption}
+
+
+class CachedLatents(Dataset):
+    """The same items as :class:`ImageCaptions` (centre crops only) with the autoencoder's
+    posterior precomputed: ``{"mean", "std", "caption"}``; ``mean``/``std`` hold one row per
+    example, and a second block for the mirrored images when flipping is on."""
+
+    def __init__(self, source: ImageCaptions, mean: torch.Tensor, std: torch.Tensor):
+        if source.augment.random_crop:
+            raise DataError("cached latents need fixed (centre) crops; --random-crop changes the "
+                            "crop every epoch")
+        self.source, self.mean, self.std = source, mean, std
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int) -> dict:
+        i, _, flip, drop = self.source.choices(key)
+        row = i + (len(self.source) if flip else 0)
+        caption = "" if drop else self.source.examples[i].caption
+        return {"mean": self.mean[row], "std": self.std[row], "caption": caption}
+
+
+@torch.no_grad()
+def encode_posteriors(source: ImageCaptions, vae, device, batch_size: int = 8,
+                      progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every example's centre crop (then of the mirrored crops when
+    flipping is on), unscaled, float32 on the CPU."""
+    from tqdm.auto import tqdm
+
+    jobs = [(ex.path, False) for ex in source.examples]
+    if source.augment.flip:
+        jobs += [(ex.path, True) for ex in source.examples]
+    dtype = next(vae.parameters()).dtype
+    means, stds = [], []
+    for start in tqdm(range(0, len(jobs), batch_size), desc="caching latents", disable=not progress):
+        pixels = torch.stack([prepare_image(p, source.augment.resolution, None, f)
+                              for p, f in jobs[start:start + batch_size]])
+        posterior = vae.encode(pixels.to(device, dtype))
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def collate(items: list[dict]) -> dict:
+    out = {"caption": [it["caption"] for it in items]}
+    for name in ("pixels", "mean", "std"):
+        if name in items[0]:
+            out[name] = torch.stack([it[name] for it in items])
+    return out
+
+
+class KeyBatches(Sampler):
+    """Batches of keys for one process of a data-parallel run, from micro-batch ``start`` on.
+
+    The global stream visits the examples in a fresh permutation each epoch (seeded by (seed,
+    epoch)); micro-batch ``m`` of process ``p`` takes stream positions ``(m·P + p)·B … +B``.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int,
+                 process: int = 0, processes: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start, self.stop, self.process, self.processes = start, stop, process, processes
+        self._perms: dict[int, list[int]] = {}
+
+    def _key(self, position: int) -> int:
+        epoch, i = divmod(position, self.size)
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._perms = {epoch: torch.randperm(self.size, generator=gen).tolist()}
+        return epoch * self.size + self._perms[epoch][i]
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __iter__(self):
+        for m in range(self.start, self.stop):
+            first = (m * self.processes + self.process) * self.batch_size
+            yield [self._key(q) for q in range(first, first + self.batch_size)]
