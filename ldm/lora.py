@@ -26,7 +26,7 @@ from .lora_formats import (LoraError, LoraModule, LoraWeights, name_table, read_
 
 __all__ = ["LoraError", "LoraModule", "LoraWeights", "UNET_ATTENTION", "UNET_FEED_FORWARD",
            "UNET_PROJECTIONS", "TEXT_ATTENTION", "TEXT_MLP", "TARGET_PRESETS", "target_layers",
-           "add_lora", "apply_lora", "read_lora", "set_lora_scale", "lora_adapters", "remove_lora",
+           "add_lora", "apply_lora", "read_lora", "set_lora_scale", "lora_adapters", "lora_info", "remove_lora",
            "fuse_lora", "unfuse_lora", "is_fused", "get_lora", "set_lora_weights",
            "lora_parameters", "save_lora", "lora_file_metadata", "model_family"]
 
@@ -213,6 +213,12 @@ def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
 def lora_adapters(model: nn.Module) -> dict[str, float]:
     """Applied adapters and their scales, in the order they were added."""
     return {n: a.scale for n, a in _state(model).adapters.items()}
+
+
+def lora_info(model: nn.Module) -> list[dict]:
+    """Each applied adapter: {"name", "scale", "source" (file path or None), "trainable"}."""
+    return [{"name": n, "scale": a.scale, "source": a.source, "trainable": a.trainable}
+            for n, a in _state(model).adapters.items()]
 
 
 def _known(state: _LoraState, name: str) -> _Adapter:

@@ -363,6 +363,30 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def lora_file_hash(path) -> str:
+    """The short hash A1111 shows for a LoRA ("Lora hashes"): the first 12 hex digits of the
+    sha256 of a safetensors file's tensor data (the header, which holds the metadata, is left
+    out, as in kohya's additional-networks hash), or of the whole file for other formats."""
+    import hashlib
+
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            if path.suffix.lower() == ".safetensors":
+                n = int.from_bytes(f.read(8), "little")
+                f.seek(8 + n)
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()[:12]
+    return _HASHES[key]
+
+
 def read_lora(path, model: nn.Module) -> LoraWeights:
     """Read and resolve a LoRA file (.safetensors, or a weights-only .bin/.pt/.ckpt)."""
     from .checkpoint import CheckpointError, read_state_dict

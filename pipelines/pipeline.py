@@ -137,6 +137,51 @@ class Pipeline:
         ``AUTO_TILING_PIXELS``; ``tile_size`` is in pixels."""
         self.model.first_stage_model.enable_tiling(enabled, tile_size)
 
+    # ------------------------------------------------------------------ LoRA (see ldm.lora)
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Apply a LoRA file (kohya or peft/diffusers layout) without merging it; returns its
+        name. Several may be loaded, each with its own scale; images record them."""
+        from ldm.lora import apply_lora
+
+        return apply_lora(self.model, path, scale=scale, name=name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        from ldm.lora import set_lora_scale
+
+        set_lora_scale(self.model, name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (or all); the model is then exactly the base model again."""
+        from ldm.lora import remove_lora
+
+        remove_lora(self.model, name)
+
+    def fuse_lora(self, fuse: bool = True) -> None:
+        """Merge the loaded LoRAs into the weights (faster steps), or with False undo that exactly."""
+        from ldm.lora import fuse_lora, unfuse_lora
+
+        if fuse:
+            fuse_lora(self.model)
+        else:
+            unfuse_lora(self.model)
+
+    def _lora_parameters(self) -> dict:
+        """A1111's "Lora hashes" field, plus the scales, for the LoRAs in use."""
+        if "_lora_state" not in self.model.__dict__:
+            return {}
+        from ldm.lora import lora_info
+        from ldm.lora_formats import lora_file_hash
+
+        used = [a for a in lora_info(self.model) if a["scale"] != 0]
+        hashes = [f"{a['name']}: {lora_file_hash(a['source'])}" for a in used
+                  if a["source"] and Path(a["source"]).is_file()]
+        out = {}
+        if hashes:
+            out["Lora hashes"] = ", ".join(hashes)
+        if used:
+            out["Lora scales"] = ", ".join(f"{a['name']}: {a['scale']:g}" for a in used)
+        return out
+
     # ------------------------------------------------------------------ entry points
     def txt2img(self, prompt, **kwargs) -> GenerationResult:
         """Images from text. Keyword arguments: see :meth:`_generate`."""
@@ -289,6 +334,7 @@ class Pipeline:
             common["mask_blur"] = mask_blur
         if guidance_rescale:
             common["guidance_rescale"] = guidance_rescale
+        common.update(self._lora_parameters())
         parameters = [dict(prompt=prompts[i // num_images], negative_prompt=negatives[i // num_images],
                            seed=seeds[i], **common) for i in range(batch)]
         keep = output_type == "latent" or return_latents
