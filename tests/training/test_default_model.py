@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm.checkpoint import load_model
 from ldm.config import load_config
 from ldm.model import LatentDiffusion
-from training.default_model import assemble, clip, common, unet, vae
+from training.default_model import clip, common, unet, vae
 from training.default_model.cli import main
 from training.default_model.common import RecipeError, Settings
 
@@ -57,7 +58,9 @@ def test_stages_write_their_outputs(run_dir):
 def test_assembled_checkpoint_loads_into_the_shipped_config(run_dir, tmp_path):
     config = tmp_path / "tiny-shapes.yaml"
     shutil.copy(run_dir / "tiny-shapes.yaml", config)
-    stats = assemble.run(_settings(run_dir, config), assemble.AssembleOptions(weights_dir=tmp_path))
+    assert main(["assemble", "--out", str(run_dir), "--config", str(config),
+                 "--weights-dir", str(tmp_path)]) == 0
+    stats = json.loads((run_dir / "assemble" / "stats.json").read_text())
     scale = json.loads((run_dir / "vae" / "stats.json").read_text())["scale_factor"]
     cfg = load_config(config)
     assert cfg.scale_factor == pytest.approx(scale, rel=1e-5)
@@ -72,6 +75,8 @@ def test_assembled_checkpoint_loads_into_the_shipped_config(run_dir, tmp_path):
     assert stats["bytes"] <= 40 * 2 ** 20
     model = LatentDiffusion(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    loaded = load_model(tmp_path / "tiny-shapes.safetensors", config=config)
+    assert loaded.scale_factor == pytest.approx(scale, rel=1e-5)
     # the parts equal what the stages trained
     trained_unet = load_file(str(run_dir / "unet" / "unet.safetensors"))
     key = "out.2.weight"
@@ -178,3 +183,37 @@ def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path):
     vae.run(_settings(tmp_path, steps=1), opts)
     with pytest.raises(RecipeError, match="--resume latest"):
         vae.run(_settings(tmp_path, steps=1), opts)
+
+
+def test_all_runs_each_stage_in_its_own_process(monkeypatch, tmp_path):
+    import subprocess
+
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert main(["all", "--out", str(tmp_path), "--seed", "3", "--weights-dir", str(tmp_path / "w")]) == 0
+    assert [c[3] for c in calls] == ["vae", "clip", "unet", "assemble"]
+    assert all(c[1:3] == ["-m", "training.default_model"] and "--seed" in c for c in calls)
+    assert "--weights-dir" in calls[-1] and "--weights-dir" not in calls[0]
+    assert "--mixed-precision" not in calls[0]  # each stage keeps its own default
+
+    calls.clear()
+    monkeypatch.setattr(subprocess, "run", lambda c, **k: calls.append(c) or
+                        subprocess.CompletedProcess(c, 1 if c[3] == "clip" else 0))
+    assert main(["all", "--out", str(tmp_path)]) == 2
+    assert [c[3] for c in calls] == ["vae", "clip"]
+
+
+def test_stage_defaults_reach_the_settings():
+    from training.default_model.cli import _settings, build_parser
+
+    args = build_parser().parse_args(["vae"])
+    assert _settings(args, "vae").mixed_precision == "bf16"
+    assert _settings(build_parser().parse_args(["unet"]), "unet").mixed_precision == "no"
+    args = build_parser().parse_args(["vae", "--mixed-precision", "no", "--steps", "7"])
+    settings = _settings(args, "vae")
+    assert (settings.mixed_precision, settings.steps, settings.batch_size) == ("no", 7, 32)

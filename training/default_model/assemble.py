@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.checkpoint import save_checkpoint
 from ldm.config import load_config
 from ldm.model import LatentDiffusion
 
@@ -56,12 +57,11 @@ def run(settings: Settings, opts: AssembleOptions | None = None) -> dict:
     vae_stats = read_json(settings.out / vae_stage.STAGE / "stats.json", vae_stage.STAGE)
     scale_factor = float(vae_stats["scale_factor"])
     model = assemble_model(settings, scale_factor)
-    state = {k: v.to(torch.float16) if v.is_floating_point() else v
-             for k, v in model.state_dict().items()}
     opts.weights_dir.mkdir(parents=True, exist_ok=True)
     path = opts.weights_dir / "tiny-shapes.safetensors"
-    save_weights(state, path, metadata={"format": "pt", "model": "tiny-shapes",
-                                        "scale_factor": f"{scale_factor:.6g}"})
+    save_checkpoint(model, path, half=True, metadata={"model": "tiny-shapes",
+                                                      "scale_factor": f"{scale_factor:.6g}"})
+    state = model.state_dict()
     size = path.stat().st_size
     if size > MAX_BYTES:
         raise RecipeError(f"{path}: {size / 2 ** 20:.1f} MiB, over the {MAX_BYTES / 2 ** 20:.0f} MiB budget")

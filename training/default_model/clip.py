@@ -25,7 +25,7 @@ from .common import Settings, load_weights, make_accelerator, model_config, requ
     train, write_json
 
 STAGE = "clip"
-DEFAULTS = dict(steps=2500, batch_size=128, lr=5e-4, warmup=200, save_every=500, weight_decay=0.01)
+DEFAULTS = dict(steps=2000, batch_size=128, lr=5e-4, warmup=200, save_every=500, weight_decay=0.01)
 EVAL_SEED_OFFSET = 6007
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the temperature at 100
 

