@@ -269,3 +269,27 @@ def test_two_processes_through_accelerate_launch(files, tmp_path):
         ["lora.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
          "train_state.json"]
     assert [p.name for p in tmp_path.glob("*.safetensors")] == ["ddp.safetensors"]
+
+
+# ------------------------------------------------------------------ the concept, on the real model
+
+@pytest.mark.slow
+def test_lora_teaches_the_default_model_a_ring(tmp_path):
+    """benchmarks/lora_concept.py: ≤ 40 rendered rings, ≤ 10 minutes of CPU training; then most
+    ring prompts (unseen colours included) draw rings, old shapes stay right, scale 0 is exact."""
+    import argparse
+    import importlib.util
+
+    if not (ROOT / "weights" / "tiny-shapes.safetensors").is_file():
+        pytest.skip("the default model weights/tiny-shapes.safetensors is not installed "
+                    "(python -m training.default_model all trains it)")
+    spec = importlib.util.spec_from_file_location("lora_concept", ROOT / "benchmarks" / "lora_concept.py")
+    concept = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(concept)
+    figures = concept.run(argparse.Namespace(checkpoint=None, images=40, steps=800, samples=100,
+                                             threads=torch.get_num_threads() or 2, workdir=tmp_path))
+    assert figures["rings_before"] <= 0.05, figures
+    assert figures["scale0_bit_identical"], figures
+    assert figures["rings_after"] >= 0.80, figures
+    assert figures["old_shapes_after"] >= 0.85, figures
+    assert figures["training_seconds"] <= 600, figures

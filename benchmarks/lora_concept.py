@@ -1,0 +1,166 @@
+"""Concept benchmark: teach the shipped default model a shape it has never seen (a ``ring``) with a
+LoRA trained by ``ldm train-lora`` on the CPU, and measure what a user would see.
+
+    python benchmarks/lora_concept.py [--checkpoint PATH] [--images 40] [--steps 800]
+                                      [--samples 100] [--workdir /tmp/ldm-lora-concept]
+                                      [--json benchmarks/out/lora_concept.json]
+
+1. Data: ``--images`` rings rendered by ``pipelines.shapes`` in six colours, captioned
+   ``a <colour> ring on a <colour> background``; purple and orange rings are left out.
+2. Before: ``--samples`` images of ring prompts (all eight colours, the two unseen ones included)
+   from the base model; the analyzer's share of rings (the bar: ≤ 5 %).
+3. Training: ``ldm train-lora`` with the settings below (the bar: ≤ 10 minutes on the CPU).
+4. After, with the LoRA at scale 1: the share of rings for the same prompts and seeds (bar ≥ 80 %),
+   for the unseen colours alone, and the share of old-shape prompts (circle/square/triangle) whose
+   shape the analyzer still reads correctly (bar ≥ 85 %). At scale 0 the latents must be
+   bit-identical to the base model's.
+
+Prints one line per figure and writes them as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TRAIN_COLOURS = ("red", "green", "blue", "yellow", "white", "black")
+UNSEEN_COLOURS = ("purple", "orange")
+OLD_SHAPES = ("circle", "square", "triangle")
+# training settings of step 3 (kept here so the figures say what produced them)
+TRAINING = ["--rank", "8", "--targets", "attention", "ff", "proj", "--learning-rate", "1e-3",
+            "--batch-size", "8", "--min-snr-gamma", "5", "--cache-latents", "--flip",
+            "--checkpointing-steps", "100000"]
+SAMPLING = dict(num_inference_steps=25, guidance_scale=7.5, scheduler="dpmpp_2m")
+
+
+def make_data(folder: Path, count: int, seed: int = 0) -> None:
+    from pipelines.shapes import sample_spec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(count):
+        spec = sample_spec(rng, colour=TRAIN_COLOURS[i % len(TRAIN_COLOURS)], shape="ring")
+        spec.render().save(folder / f"ring-{i:03d}.png")
+        (folder / f"ring-{i:03d}.txt").write_text(
+            f"a {spec.colour} ring on a {spec.background} background\n")
+
+
+def prompts_for(shapes, colours, count: int, seed: int) -> list[str]:
+    from pipelines.shapes import COLOURS, is_held_out
+
+    rng = random.Random(seed)
+    out = []
+    while len(out) < count:
+        shape, colour = rng.choice(shapes), colours[len(out) % len(colours)]
+        if is_held_out(colour, shape):
+            continue
+        background = rng.choice([c for c in COLOURS if c != colour])
+        out.append(f"a {colour} {shape} on a {background} background")
+    return out
+
+
+def sample(pipe, prompts: list[str], seed: int, chunk: int = 25):
+    """Images and final latents; prompt i uses seed + i."""
+    import torch
+
+    images, latents = [], []
+    for start in range(0, len(prompts), chunk):
+        for j, prompt in enumerate(prompts[start:start + chunk]):
+            r = pipe.txt2img(prompt, seed=seed + start + j, progress=False, return_latents=True,
+                             **SAMPLING)
+            images += r.images
+            latents.append(r.latents)
+    return images, torch.cat(latents)
+
+
+def share(images, prompts, check) -> float:
+    from pipelines.shapes import analyze, parse_caption
+
+    hits = [check(analyze(im), parse_caption(p)) for im, p in zip(images, prompts)]
+    return sum(hits) / max(len(hits), 1)
+
+
+def is_ring(found, caption) -> bool:
+    return found.shape == "ring"
+
+
+def right_shape(found, caption) -> bool:
+    return found.shape == caption.shape
+
+
+def run(args) -> dict:
+    import torch
+
+    from pipelines.pipeline import Pipeline
+    from training.lora import run as train_lora
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir)
+    data, lora = work / "rings", work / "ring.safetensors"
+    make_data(data, args.images)
+    pipe = Pipeline.from_checkpoint(args.checkpoint, device="cpu")
+    rings = prompts_for(("ring",), TRAIN_COLOURS + UNSEEN_COLOURS, args.samples, seed=1)
+    unseen = [i for i, p in enumerate(rings) if p.split()[1] in UNSEEN_COLOURS]
+    old = prompts_for(OLD_SHAPES, TRAIN_COLOURS + UNSEEN_COLOURS, args.samples, seed=2)
+
+    base_images, base_latents = sample(pipe, rings, seed=1000)
+    figures = {"rings_before": share(base_images, rings, is_ring),
+               "old_shapes_before": share(sample(pipe, old, seed=5000)[0], old, right_shape)}
+
+    argv = ["--data", str(data), "--output", str(lora), "--max-steps", str(args.steps),
+            "--seed", "0", "-q", *TRAINING]
+    if args.checkpoint:
+        argv += ["--checkpoint", str(args.checkpoint)]
+    if lora.with_name(f"{lora.stem}-checkpoints").exists():
+        import shutil
+
+        shutil.rmtree(lora.with_name(f"{lora.stem}-checkpoints"))
+    started = time.perf_counter()
+    train_lora(argv)
+    figures["training_seconds"] = round(time.perf_counter() - started, 1)
+
+    name = pipe.load_lora(lora, scale=0.0)
+    _, zero_latents = sample(pipe, rings, seed=1000)
+    figures["scale0_bit_identical"] = bool(torch.equal(zero_latents, base_latents))
+    pipe.set_lora_scale(name, 1.0)
+    after, _ = sample(pipe, rings, seed=1000)
+    figures["rings_after"] = share(after, rings, is_ring)
+    figures["unseen_colour_rings_after"] = share([after[i] for i in unseen],
+                                                 [rings[i] for i in unseen], is_ring)
+    figures["old_shapes_after"] = share(sample(pipe, old, seed=5000)[0], old, right_shape)
+    figures.update(images=args.images, steps=args.steps, samples=args.samples,
+                   training=" ".join(TRAINING))
+    figures["passed"] = (figures["rings_before"] <= 0.05 and figures["rings_after"] >= 0.80
+                         and figures["old_shapes_after"] >= 0.85 and figures["scale0_bit_identical"]
+                         and figures["training_seconds"] <= 600)
+    return figures
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="base model (default: the shipped default model)")
+    p.add_argument("--images", type=int, default=40, help="training images (default 40)")
+    p.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
+    p.add_argument("--samples", type=int, default=100, help="images per evaluation (default 100)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--workdir", default="/tmp/ldm-lora-concept")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "out" / "lora_concept.json"))
+    args = p.parse_args(argv)
+    figures = run(args)
+    for key, value in figures.items():
+        print(f"{key}: {value:.2f}" if isinstance(value, float) else f"{key}: {value}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0 if figures["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
