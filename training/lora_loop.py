@@ -212,6 +212,8 @@ def train(args) -> None:
     examples = scan_folder(args.data)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu,
                               gradient_accumulation_steps=args.gradient_accumulation_steps)
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise TrainingError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
     out, states, validation = output_paths(args)
     resume = find_resume(args, states, accelerator.print)
 

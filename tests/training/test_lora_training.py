@@ -220,10 +220,11 @@ def _bad_folder(root: Path, kind: str) -> Path:
     ("resume", "not a training state folder", 1),
     ("text-targets", "text-encoder targets need --train-text-encoder", 2),
     ("no-default-model", "no default model is installed", 1),
+    ("fp16-on-cpu", "--mixed-precision fp16 needs a GPU", 1),
 ])
 def test_bad_inputs_give_one_error_line(files, tmp_path, capsys, monkeypatch, case, fragment, status):
-    data = files["data"] if case in ("rank", "suffix", "resume", "text-targets", "no-default-model") \
-        else _bad_folder(tmp_path, case)
+    data = files["data"] if case in ("rank", "suffix", "resume", "text-targets", "no-default-model",
+                                     "fp16-on-cpu") else _bad_folder(tmp_path, case)
     out = tmp_path / ("r.ckpt" if case == "suffix" else "r.safetensors")
     argv = ["train-lora", "--data", data, "--output", out, "--max-steps", 1, "-q"]
     if case != "no-default-model":
@@ -233,7 +234,8 @@ def test_bad_inputs_give_one_error_line(files, tmp_path, capsys, monkeypatch, ca
 
         monkeypatch.setattr(pipelines.pipeline, "DEFAULT_CHECKPOINT", tmp_path / "absent.safetensors")
     argv += {"rank": ["--rank", 0], "resume": ["--resume", tmp_path], "text-targets":
-             ["--targets", "text-mlp"]}.get(case, [])
+             ["--targets", "text-mlp"], "fp16-on-cpu": ["--mixed-precision", "fp16", "--cpu"]
+             }.get(case, [])
     code = main([str(a) for a in argv])
     _, err = capsys.readouterr()
     assert code == status
