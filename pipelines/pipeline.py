@@ -104,17 +104,21 @@ def _reject(kwargs: dict, method: str, names) -> None:
 
 class Pipeline:
     def __init__(self, model, *, device=None, dtype=None, attention: str = "sdpa",
-                 model_name: str | None = None):
+                 model_name: str | None = None, speed=None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        # speed: ldm.speed.SpeedOptions (or a dict of its fields); None = its defaults
+        from .offload import place_model
+
+        self.model, self.speed = place_model(model, self.device, self.dtype, speed)
         self.attention = model.set_attention_backend(attention)
         self.model_name = model_name
         self.model_path: str | None = None
 
     @classmethod
     def from_checkpoint(cls, path=None, *, config=None, device=None, dtype=None,
-                        attention: str = "sdpa", use_ema: bool = False, prediction=None) -> "Pipeline":
+                        attention: str = "sdpa", use_ema: bool = False, prediction=None,
+                        speed=None) -> "Pipeline":
         """Load a single-file checkpoint (None → the shipped default model)."""
         if path is None:
             if not DEFAULT_CHECKPOINT.is_file():
@@ -128,7 +132,8 @@ class Pipeline:
         dtype = resolve_dtype(dtype, device)
         model = load_model(path, config, dtype=dtype, device=device, use_ema=use_ema,
                            prediction=prediction)
-        pipe = cls(model, device=device, dtype=dtype, attention=attention, model_name=Path(path).stem)
+        pipe = cls(model, device=device, dtype=dtype, attention=attention, model_name=Path(path).stem,
+                   speed=speed)
         pipe.model_path = str(path)
         return pipe
 

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ldm.speed import sampling_scope
+
 Generators = torch.Generator | list[torch.Generator] | None
 
 
@@ -98,7 +100,8 @@ def denoise(model, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, co
         concat = torch.cat([concat, concat])
     total = len(timesteps)
     interrupted = False
-    with tqdm(total=total, disable=not progress, desc=desc, leave=False) as bar:
+    # the speed options' sampling scope: SDPA kernel choice, text keys/values computed once per run
+    with sampling_scope(model), tqdm(total=total, disable=not progress, desc=desc, leave=False) as bar:
         for i, t in enumerate(timesteps):
             x = torch.cat([latents] * copies) if copies > 1 else latents
             x = scheduler.scale_model_input(x, t).to(dtype)

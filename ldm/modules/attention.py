@@ -3,7 +3,13 @@
 Attention runs through one of three interchangeable backends, chosen per model at run time
 (``set_attention_backend``): PyTorch SDPA (flash / memory-efficient kernels on CUDA), xformers'
 ``memory_efficient_attention`` when it imports and runs on the device, and an explicit "math"
-reference that the other two are tested against.
+reference that the other two are tested against. The math path (and SDPA when only its math
+kernel is allowed) works through the queries in chunks, so no N×N score matrix larger than
+``MAX_SCORES`` elements is ever held at high resolution.
+
+Inference-only speed-ups, switched on by :mod:`ldm.speed` and exact up to float rounding: q/k/v
+weights stored in one buffer so self-attention projects with one matmul (``fuse_projections``), and
+the text keys/values computed once per sampling run instead of once per step (``kv_cache``).
 """
 from __future__ import annotations
 
@@ -17,10 +23,40 @@ from torch.utils.checkpoint import checkpoint
 
 BACKENDS = ("sdpa", "xformers", "math")
 
+# Largest q·kᵀ block (batch × heads × queries × keys) the math paths materialise at once: 2**26
+# fp32 scores are 256 MiB. SD's VAE mid-block at 2048 px has 65536² scores per image (16 GiB).
+MAX_SCORES = 2**26
+
+
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    weights = torch.softmax(q.float() @ k.float().transpose(-1, -2) * scale, dim=-1)
+    return (weights @ v.float()).to(q.dtype)
+
+
+def _by_query_chunks(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``fn`` over slices of the queries small enough that each score block fits ``MAX_SCORES``
+    (softmax runs along the keys, so query rows are independent and the result is the same)."""
+    rows = q.shape[-2]
+    per_row = max(1, q.numel() // q.shape[-1] // rows * k.shape[-2])
+    step = max(1, MAX_SCORES // per_row)
+    if step >= rows:
+        return fn(q, k, v)
+    return torch.cat([fn(q[..., i:i + step, :], k, v) for i in range(0, rows, step)], dim=-2)
+
+
+def _sdpa_math_only() -> bool:
+    """True when every fused SDPA kernel is switched off (``sdpa_kernel(SDPBackend.MATH)``), so SDPA
+    would build the whole score matrix."""
+    b = torch.backends.cuda
+    return not (b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled() or b.cudnn_sdp_enabled())
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     """Softmax attention over (batch, heads, tokens, dim) tensors, scaled by 1/sqrt(dim)."""
     if backend == "sdpa":
+        if not torch.compiler.is_compiling() and _sdpa_math_only():
+            return _by_query_chunks(F.scaled_dot_product_attention, q, k, v)
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "xformers":
         import xformers.ops as xops
@@ -28,9 +64,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
     if backend == "math":
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        weights = torch.softmax(q.float() @ k.float().transpose(-1, -2) * scale, dim=-1)
-        return (weights @ v.float()).to(q.dtype)
+        return _by_query_chunks(_math, q, k, v)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -75,6 +109,23 @@ def set_attention_backend(module: nn.Module, name: str) -> str:
     return backend
 
 
+def pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution; on a channels-last input it runs as a matmul over the pixels. (PyTorch's
+    CPU heuristics send small-batch 1×1 convolutions to its slow reference kernel; the matmul is
+    the same arithmetic, ~4× faster there.) LoRA-wrapped layers are called as they are."""
+    if (type(conv) is nn.Conv2d and not torch.is_grad_enabled()
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+        w = conv.weight
+        out = F.linear(x.permute(0, 2, 3, 1), w.view(w.shape[0], w.shape[1]), conv.bias)
+        return out.permute(0, 3, 1, 2)
+    return conv(x)
+
+
+def _plain(*layers: nn.Module) -> bool:
+    # exactly nn.Linear: a peft LoRA layer wrapping one (which LoRA files target) must be called
+    return all(type(layer) is nn.Linear for layer in layers)
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention; self-attention when no ``context`` is given (CompVis CrossAttention)."""
 
@@ -89,15 +140,88 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
         self.attention_backend = "sdpa"
+        self.fused: torch.Tensor | None = None  # flat [q | k | v] weights, see fuse_projections
+        self.kv_cache: list | None = None  # [context, k, v] while a cache is open, see ldm.speed
+
+    # -------------------------------------------------------------- fused projections
+    @torch.no_grad()
+    def fuse_projections(self) -> bool:
+        """Store the q, k and v weights in one flat buffer (the parameters become views into it, so
+        state-dict keys, values and memory use stay as they are) and project with one matmul.
+        Refused (False) when a LoRA layer wraps one of the projections."""
+        if not _plain(self.to_q, self.to_k, self.to_v):
+            return False
+        if self._fused_views(True) is not None or self._fused_views(False) is not None:
+            return True
+        weights = [self.to_q.weight, self.to_k.weight, self.to_v.weight]
+        flat = torch.cat([w.detach().reshape(-1) for w in weights])
+        start = 0
+        for w in weights:
+            w.data = flat[start:start + w.numel()].view_as(w)
+            start += w.numel()
+        self.fused = flat
+        return True
+
+    @torch.no_grad()
+    def unfuse_projections(self) -> None:
+        """Give each projection its own storage again."""
+        if self.fused is not None:
+            for layer in (self.to_q, self.to_k, self.to_v):
+                base = getattr(layer, "base_layer", layer)  # also under a LoRA wrapper
+                if base.weight.untyped_storage().data_ptr() == self.fused.untyped_storage().data_ptr():
+                    base.weight.data = base.weight.detach().clone()
+            self.fused = None
+
+    def _fused_views(self, self_attention: bool) -> torch.Tensor | None:
+        """The fused (3·inner, dim) qkv weight, or the (2·inner, context_dim) kv weight, when the
+        projections are still plain layers whose weights are views into ``self.fused``; None when
+        anything has replaced them since (a LoRA wrapper, ``.to()``, ``load_state_dict(assign=True)``),
+        and whenever gradients would have to reach the separate parameters."""
+        flat = self.fused
+        if flat is None or not _plain(self.to_q, self.to_k, self.to_v):
+            return None
+        q, k, v = self.to_q.weight, self.to_k.weight, self.to_v.weight
+        if torch.is_grad_enabled() and q.requires_grad:
+            return None
+        if not torch.compiler.is_compiling():  # compiled graphs are guarded on the weights already
+            base, size = flat.data_ptr(), flat.element_size()
+            if (q.data_ptr() != base or k.data_ptr() != base + q.numel() * size
+                    or v.data_ptr() != base + (q.numel() + k.numel()) * size or q.dtype != flat.dtype):
+                return None
+        if self_attention:
+            if q.shape[1] != k.shape[1]:
+                return None
+            return flat.view(-1, q.shape[1])
+        return flat[q.numel():].view(-1, k.shape[1])
+
+    def _keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.kv_cache
+        if cache and cache[0] is context:
+            return cache[1], cache[2]
+        kv = self._fused_views(False)
+        if kv is not None:
+            k, v = F.linear(context, kv).chunk(2, dim=-1)
+        else:
+            k, v = self.to_k(context), self.to_v(context)
+        if cache is not None and not torch.compiler.is_compiling():
+            cache[:] = [context, k, v]
+        return k, v
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        qkv = self._fused_views(True) if context is None else None
+        if qkv is not None:
+            q, k, v = F.linear(x, qkv).chunk(3, dim=-1)
+        elif context is None:
+            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        else:
+            q = self.to_q(x)
+            k, v = self._keys_values(context)
         b, h = x.shape[0], self.heads
-        q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.reshape(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
         out = attention(q, k, v, self.attention_backend)
         out = out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3])
-        return self.to_out(out)
+        out = self.to_out[0](out)
+        return self.to_out[1](out) if self.training else out
 
 
 class GEGLU(nn.Module):
@@ -109,7 +233,11 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        if torch.is_grad_enabled():
+            return x * F.gelu(gate)
+        # inference: multiply into the activation's own buffer, one (tokens × dim_out) tensor
+        # less at the feed-forward's peak
+        return F.gelu(gate).mul_(x)
 
 
 class FeedForward(nn.Module):
@@ -119,7 +247,9 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if self.training:
+            return self.net(x)
+        return self.net[2](self.net[0](x))  # dropout is the identity in eval mode
 
 
 class BasicTransformerBlock(nn.Module):
@@ -150,6 +280,9 @@ class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map (Rombach et al. 2022, LDM §3.3).
 
     SD1 projects in and out with 1×1 convolutions, SD2 with linear layers (``use_linear``).
+    The output keeps the input's memory layout: a channels-last feature map is read as tokens and
+    written back without a copy, and a contiguous one stays contiguous (a mixed layout would make
+    oneDNN reorder the next convolution's weights on every call).
     """
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
@@ -169,15 +302,17 @@ class SpatialTransformer(nn.Module):
         residual = x
         x = self.norm(x)
         if not self.use_linear:
-            x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)  # b (h w) c
+            x = pointwise(self.proj_in, x)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # b (h w) c; a view when channels-last
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = x.view(b, h, w, -1).permute(0, 3, 1, 2)  # a channels-last view
+        if not residual.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()
         if not self.use_linear:
-            x = self.proj_out(x)
+            x = pointwise(self.proj_out, x)
         return x + residual

@@ -13,6 +13,11 @@ from ..config import AutoencoderConfig
 from .attention import attention
 
 
+# Batches whose estimated activations exceed this are coded one sample at a time (see
+# AutoencoderKL.activation_bytes): SD's autoencoder decoding four 512² images in fp16 is ~3 GiB.
+SLICE_BYTES = 1 << 30
+
+
 def Normalize(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
 
@@ -53,6 +58,8 @@ class AttnBlock(nn.Module):
         y = self.norm(x)
         q, k, v = (proj(y).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))
         out = attention(q, k, v, self.attention_backend)[:, 0].transpose(1, 2).reshape(b, c, h, w)
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous()  # keep one layout: the reshape above is a channels-last view
         return x + self.proj_out(out)
 
 
@@ -71,9 +78,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = F.interpolate(x.float() if dtype == torch.bfloat16 else x, scale_factor=2.0, mode="nearest")
-        return self.conv(x.to(dtype))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # any dtype, bf16 too
 
 
 def _level(blocks: list[nn.Module], attn: list[nn.Module]) -> nn.Module:
@@ -240,9 +245,11 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self.tiling = False
-        self.slicing = False
+        self.slicing = False  # True: one sample at a time; False: by the memory estimate
+        self.slice_bytes = SLICE_BYTES
         self.tile_size = 512  # pixels; latent tiles are tile_size // downscale
         self.tile_overlap = 0.25
+        self.channels_last = False  # set by ldm.speed
 
     def enable_tiling(self, enabled: bool = True, tile_size: int | None = None) -> None:
         self.tiling = enabled
@@ -252,34 +259,59 @@ class AutoencoderKL(nn.Module):
     def enable_slicing(self, enabled: bool = True) -> None:
         self.slicing = enabled
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def _moments(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(x))
+        return self.quant_conv(self.encoder(self._layout(x))).contiguous()
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(self._layout(z))).contiguous()
 
-    def _per_sample(self, fn, x: torch.Tensor) -> torch.Tensor:
-        if self.slicing and x.shape[0] > 1:
+    def activation_bytes(self, batch: int, height: int, width: int, dtype: torch.dtype) -> int:
+        """Rough peak activation memory of coding ``batch`` images of height × width pixels at once.
+        The widest full-resolution tensor (the decoder's second level upsampled, ch·ch_mult[1]
+        channels) dominates; about six of that size are alive at once (measured ~5.5 for SD's
+        autoencoder: block input, norm, activation, convolution outputs, shortcut)."""
+        mult = self.config.ch_mult[1] if len(self.config.ch_mult) > 1 else self.config.ch_mult[0]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 6 * batch * height * width * self.config.ch * mult * itemsize
+
+    def _per_sample(self, fn, x: torch.Tensor, pixels: tuple[int, int]) -> torch.Tensor:
+        """``fn`` on the whole batch, or sample by sample when asked (``slicing``) or when the whole
+        batch would need more than ``slice_bytes`` of activations: per-image coding costs no speed
+        at sizes where that matters (one image already fills the device), and bounds the peak."""
+        if x.shape[0] > 1 and (self.slicing or self.activation_bytes(
+                x.shape[0], *pixels, x.dtype) > self.slice_bytes):
             return torch.cat([fn(s) for s in x.split(1)])
         return fn(x)
 
+    def _offload_hook(self) -> None:
+        # encode/decode are not ``forward``: run the pre-forward of an Accelerate offload hook
+        # (pipelines.offload) so the weights come to the execution device first
+        hook = getattr(self, "_hf_hook", None)
+        if hook is not None:
+            hook.pre_forward(self)
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        self._offload_hook()
         f = self.config.downscale
         if self.tiling and max(x.shape[-2:]) > self.tile_size:
             overlap = int(self.tile_size * self.tile_overlap) // f * f
             fn = lambda t: _tiled(self._moments, t, self.tile_size, overlap, 1 / f)  # noqa: E731
         else:
             fn = self._moments
-        return DiagonalGaussian(self._per_sample(fn, x))
+        return DiagonalGaussian(self._per_sample(fn, x, tuple(x.shape[-2:])))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        self._offload_hook()
         f = self.config.downscale
         tile = self.tile_size // f
         if self.tiling and max(z.shape[-2:]) > tile:
             fn = lambda t: _tiled(self._decode, t, tile, int(tile * self.tile_overlap), f)  # noqa: E731
         else:
             fn = self._decode
-        return self._per_sample(fn, z)
+        return self._per_sample(fn, z, (z.shape[-2] * f, z.shape[-1] * f))
 
     def forward(self, x: torch.Tensor, sample: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
