@@ -131,8 +131,9 @@ class Sides:
         return [v.to(self.device) for v in (x, t)] + [ctx.to(self.device, self.dtype)]
 
     def unet_call(self, who: str, x, t, ctx):
-        if who == "ours":
-            return self.ours.model.model.diffusion_model(x.to(self.dtype), t, ctx)
+        if who == "ours":  # as the sampling loop calls it: the latents once, [uncond, cond] context
+            n = x.shape[0] // 2 if self.ours.model.speed.shared_cfg_prefix else x.shape[0]
+            return self.ours.model.apply_model(x[:n].to(self.dtype), t[:n], ctx)
         return self.theirs.unet(x.to(self.dtype), t, encoder_hidden_states=ctx).sample
 
     # the whole pipeline
@@ -232,7 +233,8 @@ def switch_ablation(sides: Sides, batch: int, size: int, reps: int, compile_too:
     base = SpeedOptions.off()
     variants = {"all off": base, "fused_qkv": base.replace(fused_qkv=True),
                 "channels_last": base.replace(channels_last=True),
-                "text_kv_cache": base.replace(text_kv_cache=True)}
+                "text_kv_cache": base.replace(text_kv_cache=True),
+                "shared_cfg_prefix": base.replace(shared_cfg_prefix=True)}
     if sides.device.type == "cpu":
         variants["channels_last+cpu_prepack"] = base.replace(channels_last=True, cpu_prepack=True)
         variants["sdpa_kernel=math"] = base.replace(sdpa_kernel="math")

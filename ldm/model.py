@@ -118,5 +118,10 @@ class LatentDiffusion(nn.Module):
 
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                     concat: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet's raw output (ε or v, per ``config.parameterization``)."""
+        """The UNet's raw output (ε or v, per ``config.parameterization``).
+
+        ``context`` may hold k × as many rows as ``x_t``: the batch is then evaluated under each of
+        the k conditionings (classifier-free guidance's [uncond, cond] with k = 2), as if ``x_t``,
+        ``t`` and ``concat`` were repeated k times, and the layers before the UNet's first
+        cross-attention run once for all k."""
         return self.model(x_t, t, context, concat)

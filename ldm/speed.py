@@ -12,6 +12,9 @@ they are, so parity tests hold with any of them on:
   tensor-core kernels are fastest there; the SpatialTransformer then needs no layout copies).
 - ``text_kv_cache``: during one sampling run the text keys/values of every cross-attention layer
   are computed at the first step and reused (the text conditioning does not change between steps).
+- ``shared_cfg_prefix``: the sampling loop gives the UNet the latents once with the [uncond, cond]
+  text, so the layers before the first cross-attention run once instead of twice (see
+  ``UNetModel.run``).
 - ``cpu_prepack``: on the CPU, each UNet convolution's weight is reordered into oneDNN's blocked
   layout once per sampling run and input shape (PyTorch's eager convolution reorders it on every
   call; inductor's "freezing" does the same prepacking). Per run, so weights changed between runs
@@ -48,6 +51,7 @@ class SpeedOptions:
     fused_qkv: bool = True
     channels_last: bool = True
     text_kv_cache: bool = True
+    shared_cfg_prefix: bool = True
     cpu_prepack: bool = True
     sdpa_kernel: str | None = None  # None: PyTorch picks (flash / memory-efficient on CUDA)
     compile: bool = False
@@ -74,7 +78,8 @@ class SpeedOptions:
     @classmethod
     def off(cls) -> "SpeedOptions":
         """The plain eager model: every switch off."""
-        return cls(fused_qkv=False, channels_last=False, text_kv_cache=False, cpu_prepack=False)
+        return cls(fused_qkv=False, channels_last=False, text_kv_cache=False, shared_cfg_prefix=False,
+                   cpu_prepack=False)
 
     def replace(self, **changes) -> "SpeedOptions":
         unknown = sorted(set(changes) - {f.name for f in fields(self)})

@@ -94,10 +94,15 @@ def denoise(model, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, co
     """Run the scheduler over ``timesteps``; returns the final latents and whether ``callback``
     stopped the loop early (it is called as ``callback(i, total, latents)`` after step ``i`` of
     ``total``, counting from 0, and a return value of ``False`` stops)."""
-    copies = 2 if guidance.enabled else 1
+    # with guidance the UNet evaluates the latents under [uncond, cond]: context has twice their
+    # rows. Given the latents once, it shares the layers before its first cross-attention
+    # (SpeedOptions.shared_cfg_prefix); otherwise they are repeated here.
+    copies = context.shape[0] // latents.shape[0]
+    if not getattr(getattr(model, "speed", None), "shared_cfg_prefix", True):
+        concat = None if concat is None else torch.cat([concat] * copies)
+    else:
+        copies = 1
     dtype = context.dtype
-    if concat is not None and copies == 2:
-        concat = torch.cat([concat, concat])
     total = len(timesteps)
     interrupted = False
     # the speed options' sampling scope: SDPA kernel choice, text keys/values computed once per run

@@ -265,15 +265,17 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.gradient_checkpointing = False
 
-    def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, context: torch.Tensor, copies: int = 1) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
+        if copies > 1:  # x stands for `copies` identical batches; the text makes them differ from here
+            x = torch.cat([x] * copies)
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, copies: int = 1) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, context, use_reentrant=False)
-        return self._forward(x, context)
+            return checkpoint(self._forward, x, context, copies, use_reentrant=False)
+        return self._forward(x, context, copies)
 
 
 class SpatialTransformer(nn.Module):
@@ -297,7 +299,9 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """``copies`` > 1: ``x`` holds one of ``copies`` identical batches whose text conditioning
+        (``context``, ``copies`` times as many rows) differs; the output has all of them."""
         b, _, h, w = x.shape
         residual = x
         x = self.norm(x)
@@ -307,7 +311,10 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, copies)
+            copies, b = 1, x.shape[0]
+        if residual.shape[0] != b:
+            residual = torch.cat([residual] * (b // residual.shape[0]))  # cat keeps the layout
         if self.use_linear:
             x = self.proj_out(x)
         x = x.view(b, h, w, -1).permute(0, 3, 1, 2)  # a channels-last view

@@ -65,12 +65,14 @@ class TimestepEmbedSequential(nn.Sequential):
     """A sequence whose members receive the time embedding or the context when they take one."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+                upsample_size: tuple[int, int] | None = None, copies: int = 1) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, copies)
+                if copies > 1:  # the batches differ from the first cross-attention on
+                    emb, copies = torch.cat([emb] * copies), 1
             elif isinstance(layer, Upsample):
                 x = layer(x, upsample_size)
             else:
@@ -202,7 +204,17 @@ class UNetModel(nn.Module):
         return self.run(x, timesteps, context)
 
     def run(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The UNet itself (``forward`` may replay a captured CUDA graph of it instead)."""
+        """The UNet itself (``forward`` may replay a captured CUDA graph of it instead).
+
+        A ``context`` with k > 1 times as many rows as ``x`` evaluates ``x`` under each of the k
+        conditionings: the result is ``run(torch.cat([x] * k), t, context)``. Classifier-free
+        guidance's [uncond, cond] batches share their latents and timesteps, so everything before
+        the first cross-attention (the input convolution, the first ResBlock and self-attention —
+        at full resolution among the costliest layers) is the same for all k and runs once."""
+        copies = context.shape[0] // x.shape[0] if x.shape[0] else 1
+        if context.shape[0] != copies * x.shape[0]:
+            raise ValueError(f"context has {context.shape[0]} rows, not a multiple of the batch "
+                             f"{x.shape[0]}")
         if timesteps.dim() == 0:
             timesteps = timesteps[None]
         timesteps = timesteps.expand(x.shape[0])
@@ -214,11 +226,20 @@ class UNetModel(nn.Module):
         skips = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            if copies > 1 and any(isinstance(layer, SpatialTransformer) for layer in block):
+                h = block(h, emb, context, copies=copies)
+                emb, copies = torch.cat([emb] * copies), 1
+            else:
+                h = block(h, emb, context)
             skips.append(h)
+        if copies > 1:  # no cross-attention before the middle block
+            h, emb = torch.cat([h] * copies), torch.cat([emb] * copies)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            skip = skips.pop()
+            if skip.shape[0] != h.shape[0]:  # a skip from the shared part
+                skip = torch.cat([skip] * (h.shape[0] // skip.shape[0]))
+            h = torch.cat([h, skip], dim=1)
             up_size = tuple(skips[-1].shape[-2:]) if skips else None
             h = block(h, emb, context, up_size)
         norm, _, out = self.out
