@@ -227,7 +227,8 @@ def run_pair(sides: Sides, batch: int, size: int, steps: int, runs: int, unet_re
 
 
 def switch_ablation(sides: Sides, batch: int, size: int, reps: int, compile_too: bool) -> dict:
-    """UNet latency with every switch off, then with each switch alone (then the defaults back)."""
+    """UNet latency with every switch off, with each switch alone, and with the defaults; the
+    variants take turns in rounds (so a change of machine load hits them all alike)."""
     from ldm.speed import SpeedOptions, apply_speed
 
     base = SpeedOptions.off()
@@ -242,19 +243,24 @@ def switch_ablation(sides: Sides, batch: int, size: int, reps: int, compile_too:
         variants["cuda_graphs"] = base.replace(cuda_graphs=True)
         for kernel in ("flash", "efficient", "cudnn", "math"):
             variants[f"sdpa_kernel={kernel}"] = base.replace(sdpa_kernel=kernel)
-    if compile_too:
-        variants["compile"] = base.replace(compile=True)
     variants["defaults"] = sides.speed
     inputs = sides.unet_inputs(batch, size)
-    results = {}
-    for name, options in variants.items():
-        try:
-            apply_speed(sides.ours.model, options)
-            results[name] = 1000 * median(time_unet(sides, "ours", inputs, reps, warmup=3))
-        except Exception as exc:  # e.g. a kernel this GPU does not have
-            results[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    times: dict[str, list] = {name: [] for name in variants}
+    rounds = max(1, reps // 3)
+    for _ in range(rounds):
+        for name, options in variants.items():
+            if isinstance(times[name], str):
+                continue
+            try:
+                apply_speed(sides.ours.model, options)
+                times[name] += time_unet(sides, "ours", inputs, 3, warmup=1)
+            except Exception as exc:  # e.g. a kernel this GPU does not have
+                times[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    if compile_too:  # compiled once, outside the rounds
+        apply_speed(sides.ours.model, base.replace(compile=True))
+        times["compile"] = time_unet(sides, "ours", inputs, reps, warmup=3)
     apply_speed(sides.ours.model, sides.speed)
-    return results
+    return {name: v if isinstance(v, str) else 1000 * median(v) for name, v in times.items()}
 
 
 def big_image(sides: Sides, size: int, steps: int) -> dict:
@@ -310,9 +316,12 @@ def markdown(report: dict) -> str:
               "runs per side, alternating; ratio = ours / diffusers (below 1: ours faster). CPU process "
               "time ratios (steadier under load): " + ", ".join(
                   f"{r['structure']} b{r['batch']} {r['ratio']['e2e_process']:.2f}" for r in report["results"]) + "."]
+    peak = report["settings"]["peak_tflops"] if env["device"] == "cuda" else None
     for r in report["results"]:
         if r.get("unet_tflops_per_s"):
-            lines.append(f"- {r['structure']} {r['dtype']} batch {r['batch']}: UNet {r['unet_tflops_per_s']:.3g} TFLOP/s")
+            share = f" ({100 * r['unet_tflops_per_s'] / peak:.0f} % of {peak:g})" if peak else ""
+            lines.append(f"- {r['structure']} {r['dtype']} batch {r['batch']}: UNet "
+                         f"{r['unet_tflops_per_s']:.3g} TFLOP/s of work done{share}")
     for key, ablation in report.get("ablation", {}).items():
         lines += ["", f"UNet ms per call with each switch alone ({key}):", "",
                   "| switches | UNet ms |", "|---|---|"]
@@ -343,6 +352,8 @@ def parse_args(argv=None):
     p.add_argument("--no-ablation", action="store_true", help="skip timing each switch alone")
     p.add_argument("--big", type=int, default=None, help="also one image of this side (CUDA; sd15)")
     p.add_argument("--big-steps", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the GPU's dense bf16/fp16 peak, for utilisation (H100 SXM: 989)")
     p.add_argument("--quick", action="store_true", help="default model, 2 steps, 2 runs: seconds")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     return p.parse_args(argv)
@@ -367,6 +378,8 @@ def plan(args) -> tuple[torch.device, list[str], list[str], list[int]]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.big is None and not args.quick and plan(args)[0].type == "cuda":
+        args.big = 2048
     if args.quick:
         args.structures, args.dtypes, args.batches = args.structures or "default", args.dtypes or "fp32", "1"
         args.steps, args.runs, args.unet_reps = 2, 2, 3

@@ -97,17 +97,22 @@ def denoise(model, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, co
     # with guidance the UNet evaluates the latents under [uncond, cond]: context has twice their
     # rows. Given the latents once, it shares the layers before its first cross-attention
     # (SpeedOptions.shared_cfg_prefix); otherwise they are repeated here.
+    speed = getattr(model, "speed", None)
     copies = context.shape[0] // latents.shape[0]
-    if not getattr(getattr(model, "speed", None), "shared_cfg_prefix", True):
+    if not getattr(speed, "shared_cfg_prefix", True):
         concat = None if concat is None else torch.cat([concat] * copies)
     else:
         copies = 1
+    # inductor's CUDA graphs (compile with cuda_graphs) reuse output memory from step to step
+    graph_steps = bool(speed and speed.compile and speed.cuda_graphs)
     dtype = context.dtype
     total = len(timesteps)
     interrupted = False
     # the speed options' sampling scope: SDPA kernel choice, text keys/values computed once per run
     with sampling_scope(model), tqdm(total=total, disable=not progress, desc=desc, leave=False) as bar:
         for i, t in enumerate(timesteps):
+            if graph_steps:
+                torch.compiler.cudagraph_mark_step_begin()
             x = torch.cat([latents] * copies) if copies > 1 else latents
             x = scheduler.scale_model_input(x, t).to(dtype)
             out = model.apply_model(x, t.expand(x.shape[0]), context, concat=concat)

@@ -362,3 +362,22 @@ def test_offload_keeps_only_the_working_component_on_the_gpu():
     assert diff.float().mean() <= 1.0
     assert next(offloaded.model.model.parameters()).device.type == "cpu"  # the VAE ran last
     assert next(offloaded.model.first_stage_model.parameters()).device.type == "cuda"
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd1-inpaint"])
+def test_pipeline_gives_the_same_images_with_switches_on_and_off(kind):
+    """Through the whole sampling loop (prefix sharing, caches, prepacking live per run)."""
+    from pipelines.pipeline import Pipeline
+    from tests.diffusers_pipes import box_mask, random_model, sample_image
+
+    model = random_model(kind)
+    on = Pipeline(copy.deepcopy(model), device="cpu")
+    off = Pipeline(model, device="cpu", speed=SpeedOptions.off())
+    assert on.speed == SpeedOptions() and off.speed == OFF
+    kw = dict(num_inference_steps=3, seed=4, progress=False, output_type="latent")
+    if kind == "sd1":
+        a, b = (p.txt2img("a red circle", height=32, width=40, scheduler="dpmpp_2m", **kw) for p in (on, off))
+    else:
+        image, mask = sample_image(32, 32), box_mask(32, 32)
+        a, b = (p.inpaint("a red circle", image, mask, **kw) for p in (on, off))
+    assert max_error(a.latents, b.latents)[0] < 1e-4
