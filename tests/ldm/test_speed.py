@@ -380,4 +380,6 @@ def test_pipeline_gives_the_same_images_with_switches_on_and_off(kind):
     else:
         image, mask = sample_image(32, 32), box_mask(32, 32)
         a, b = (p.inpaint("a red circle", image, mask, **kw) for p in (on, off))
-    assert max_error(a.latents, b.latents)[0] < 1e-4
+    err, scale = max_error(a.latents, b.latents)
+    # float rounding only: guidance (×7.5) and the solver amplify it to ~4e-5 of the latents' scale
+    assert err <= 1e-4 * scale, f"{err:.3g} (scale {scale:.3g})"
