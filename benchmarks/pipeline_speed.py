@@ -220,7 +220,9 @@ def run_pair(sides: Sides, batch: int, size: int, steps: int, runs: int, unet_re
                     "e2e": out["ours"]["s_per_image"] / out["diffusers"]["s_per_image"],
                     "e2e_paired_median": median(pairs),
                     "e2e_process": out["ours"]["process_s_per_image"] / out["diffusers"]["process_s_per_image"]}
-    flops = unet_flops(sides, inputs)
+    from ldm.speed import is_compiled
+
+    flops = None if is_compiled(sides.ours.model.model.diffusion_model) else unet_flops(sides, inputs)
     if flops:
         out["unet_tflops_per_s"] = flops / (out["unet_ms"]["ours"] / 1000) / 1e12
     return out

@@ -190,12 +190,14 @@ class CudaGraphUNet:
         self.graphs.clear()
 
 
-def apply_speed(model: nn.Module, options: SpeedOptions | dict | None = None) -> SpeedOptions:
-    """Switch ``model`` (a LatentDiffusion, already on its device and dtype) to ``options``.
+def apply_speed(model: nn.Module, options: SpeedOptions | dict | None = None,
+                device: torch.device | str | None = None) -> SpeedOptions:
+    """Switch ``model`` (a LatentDiffusion, already in its dtype) to ``options``; ``device`` is
+    where it runs (default: where its weights are; offloading keeps them in CPU memory for a GPU).
     Returns the options in force; calling it again with other options switches over."""
     options = as_speed_options(options)
     unet = model.model.diffusion_model
-    device = next(unet.parameters()).device
+    device = torch.device(device) if device is not None else next(unet.parameters()).device
     if options.cuda_graphs and device.type != "cuda":
         raise ValueError(f"SpeedOptions.cuda_graphs needs the model on a CUDA device; it is on {device}")
     if options.sdpa_kernel in ("efficient", "cudnn") and device.type != "cuda":

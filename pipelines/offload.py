@@ -30,11 +30,15 @@ def enable_model_offload(model: nn.Module, device) -> list:
     """Keep ``model`` (a LatentDiffusion) on the CPU and bring each component to ``device`` only
     while it runs. Returns the Accelerate hooks (text, UNet, autoencoder)."""
     from accelerate import cpu_offload_with_hook
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
     device = _execution_device(device)
     disable_model_offload(model)
     model.to("cpu")
     _, text = cpu_offload_with_hook(model.cond_stage_model, device)
+    # prompt encoding reads the encoder's device once and calls it several times; CpuOffload only
+    # moves the inputs of the call that brings the weights in, so move every call's token ids
+    add_hook_to_module(model.cond_stage_model, AlignDevicesHook(execution_device=device), append=True)
     _, unet = cpu_offload_with_hook(model.model, device, prev_module_hook=text)
     _, vae = cpu_offload_with_hook(model.first_stage_model, device, prev_module_hook=unet)
     text.hook.prev_module_hook = vae  # close the cycle (see the module docstring)
@@ -62,7 +66,7 @@ def place_model(model: nn.Module, device: torch.device, dtype: torch.dtype, spee
                              "graph needs its weights to stay where they were)")
     target = "cpu" if options.offload else device
     model = model.to(device=target, dtype=dtype).eval().requires_grad_(False)
-    options = apply_speed(model, options)
+    options = apply_speed(model, options, device)
     if options.offload:
         enable_model_offload(model, device)
     return model, options

@@ -50,7 +50,8 @@ def conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     the same convolution with its weight reordered into oneDNN's blocked layout once per run and
     input shape instead of on every call (the reorder is ~30 % of a small convolution's time)."""
     cache = layer.__dict__.get("prepacked")
-    if cache is None or torch.is_grad_enabled() or not x.is_contiguous(memory_format=torch.channels_last):
+    if (cache is None or x.device.type != "cpu" or torch.is_grad_enabled()
+            or not x.is_contiguous(memory_format=torch.channels_last)):
         return layer(x)
     args = (list(layer.padding), list(layer.stride), list(layer.dilation), layer.groups)
     key = tuple(x.shape)
