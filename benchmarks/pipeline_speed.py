@@ -344,6 +344,8 @@ def parse_args(argv=None):
     p.add_argument("--structures", default=None, help=f"comma list of {', '.join(STRUCTURES)}")
     p.add_argument("--dtypes", default=None, help="comma list of fp32, fp16, bf16")
     p.add_argument("--batches", default=None, help="comma list of images per prompt")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (default: the structure's own: 64, 256, 512, 768)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--runs", type=int, default=5, help="end-to-end runs per side (alternating)")
     p.add_argument("--unet-reps", type=int, default=20)
@@ -407,7 +409,7 @@ def main(argv=None) -> dict:
             sides = Sides(name, device, DTYPES[dname], speed)
             env["speed"] = str(sides.speed)
             for batch in batches:
-                size = sides.structure.size
+                size = args.size or sides.structure.size
                 r = run_pair(sides, batch, size, args.steps, args.runs, args.unet_reps)
                 r.update(structure=name, weights=sides.structure.weights, dtype=dname)
                 report["results"].append(r)
@@ -424,7 +426,7 @@ def main(argv=None) -> dict:
                     apply_speed(sides.ours.model, sides.speed)
             if not args.no_ablation and not args.quick:
                 report["ablation"][f"{name} {dname} batch {batches[0]}"] = switch_ablation(
-                    sides, batches[0], sides.structure.size, args.unet_reps, args.compile)
+                    sides, batches[0], args.size or sides.structure.size, args.unet_reps, args.compile)
             if args.big and device.type == "cuda" and name == "sd15":
                 report["big"].append(big_image(sides, args.big, args.big_steps) | {"structure": name,
                                                                                    "dtype": dname})

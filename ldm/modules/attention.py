@@ -181,12 +181,12 @@ class CrossAttention(nn.Module):
         if flat is None or not _plain(self.to_q, self.to_k, self.to_v):
             return None
         q, k, v = self.to_q.weight, self.to_k.weight, self.to_v.weight
-        if torch.is_grad_enabled() and q.requires_grad:
+        if (torch.is_grad_enabled() and q.requires_grad) or q.device != flat.device or q.dtype != flat.dtype:
             return None
-        if not torch.compiler.is_compiling():  # compiled graphs are guarded on the weights already
+        if not torch.compiler.is_compiling():  # (data pointers cannot be traced; checked when eager)
             base, size = flat.data_ptr(), flat.element_size()
             if (q.data_ptr() != base or k.data_ptr() != base + q.numel() * size
-                    or v.data_ptr() != base + (q.numel() + k.numel()) * size or q.dtype != flat.dtype):
+                    or v.data_ptr() != base + (q.numel() + k.numel()) * size):
                 return None
         if self_attention:
             if q.shape[1] != k.shape[1]:
