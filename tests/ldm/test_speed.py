@@ -294,7 +294,8 @@ def test_compiled_unet_compiles_once_and_matches_eager(backend):
     for result, prompt, seed, neg in ((first, "a red circle", 1, ""),
                                       (second, "a blue square on grass", 2, "blurry")):
         ref = eager.txt2img(prompt, seed=seed, negative_prompt=neg, **kw)
-        assert max_error(result.latents, ref.latents)[0] < 1e-4
+        err, scale = max_error(result.latents, ref.latents)
+        assert err <= 1e-4 * scale, f"{err:.3g} (scale {scale:.3g})"  # rounding, amplified by sampling
     torch._dynamo.reset()
 
 
