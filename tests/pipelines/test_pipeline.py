@@ -233,10 +233,10 @@ def test_callback_sees_every_step_and_can_stop(pipe):
 
 
 def test_guidance_scale_one_skips_the_unconditional_pass(pipe, monkeypatch):
-    sizes = []
+    sizes = []  # rows of text conditioning per UNet call: [uncond, cond] doubles them
     original = pipe.model.apply_model
     monkeypatch.setattr(pipe.model, "apply_model",
-                        lambda x, t, c, concat=None: (sizes.append(x.shape[0]), original(x, t, c, concat))[1])
+                        lambda x, t, c, concat=None: (sizes.append(c.shape[0]), original(x, t, c, concat))[1])
     pipe.txt2img("a cat", seed=1, height=16, width=16, num_inference_steps=2, guidance_scale=1.0,
                  num_images=2, progress=False)
     pipe.txt2img("a cat", seed=1, height=16, width=16, num_inference_steps=2, guidance_scale=3.0,
