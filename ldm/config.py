@@ -12,7 +12,9 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from .resources import config_dir
+
+CONFIG_DIR = config_dir()
 
 
 class ConfigError(ValueError):

@@ -23,14 +23,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ldm.resources import shipped_file
+
 from . import preprocess as pre
 from .prompts import encode_prompts
 from .sampling import Guidance, KnownRegion, denoise, randn, step_kwargs
 from .schedulers import make_scheduler
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHECKPOINT = ROOT / "weights" / "tiny-shapes.safetensors"
-DEFAULT_CONFIG = ROOT / "configs" / "tiny-shapes.yaml"
+DEFAULT_CHECKPOINT = shipped_file("weights", "tiny-shapes.safetensors")
+DEFAULT_CONFIG = shipped_file("configs", "tiny-shapes.yaml")
 
 # Above this many pixels on a side the autoencoder works in overlapping tiles even when tiling was
 # not asked for. SD1/SD2 images up to 1024 px (SD2-v's native 768 px included) decode whole, which

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .common import CONFIG_PATH, RecipeError, Settings
 
-STAGES = ("vae", "clip", "unet", "assemble", "all")
+STAGES = ("vae", "clip", "unet", "assemble", "evaluate", "all")
 
 
 def _stage_defaults(stage: str) -> dict:
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
              "clip": "2. CLIP-trained text encoder and image tower",
              "unet": "3. UNet on precomputed latents with 10%% empty captions",
              "assemble": "4. write weights/tiny-shapes.safetensors and the config's scale_factor",
+             "evaluate": "5. measure a shapes model (default: the shipped one) against its bars",
              "all": "stages 1-4 with their default settings, each in its own process"}
     for stage in STAGES:
         p = sub.add_parser(stage, help=helps[stage], description=helps[stage].replace("%%", "%"))
@@ -77,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="where the model files go (default: the project's weights/)")
             p.add_argument("--write-config", type=Path, default=None,
                            help="YAML whose scale_factor is set (default: --config)")
+        if stage == "evaluate":
+            p.add_argument("--checkpoint", type=Path, default=None,
+                           help="model to measure (default: the shipped default model)")
+            p.add_argument("--images", type=int, default=200,
+                           help="generated images per group (trained combinations: twice this)")
+            p.add_argument("--sample-steps", type=int, default=None,
+                           help="sampler steps (default: the pipeline's)")
+            p.add_argument("--guidance-scale", type=float, default=None)
+            p.add_argument("--scheduler", default=None)
+            p.add_argument("--no-cli", action="store_true", help="skip timing the ldm command")
     return parser
 
 
@@ -110,6 +121,8 @@ def _run_all(args) -> None:
 
 
 def _run_stage(stage: str, args) -> None:
+    if stage == "evaluate":
+        return _evaluate(args)
     from . import assemble, clip, unet, vae
 
     settings = _settings(args, stage)
@@ -128,6 +141,31 @@ def _run_stage(stage: str, args) -> None:
         assemble.run(settings, opts)
 
 
+class _EvaluateErrors(Exception):
+    """What evaluating a model can raise that is the user's to fix (one line, exit 2)."""
+
+
+def _evaluate(args) -> None:
+    from . import evaluate
+    from .common import write_json
+
+    opts = evaluate.EvalOptions(checkpoint=args.checkpoint, images=args.images, seed=args.seed,
+                                steps=args.sample_steps, guidance_scale=args.guidance_scale,
+                                scheduler=args.scheduler, cli=not args.no_cli)
+    out = args.out / "evaluate"
+    out.mkdir(parents=True, exist_ok=True)
+    from ldm.checkpoint import CheckpointError
+    from pipelines.pipeline import DefaultModelMissing
+
+    try:
+        report = evaluate.run(opts, out)
+    except (CheckpointError, DefaultModelMissing, FileNotFoundError) as exc:
+        raise _EvaluateErrors(str(exc)) from None
+    write_json(out / "report.json", report)
+    print(evaluate.format_report(report))
+    print(f"report: {out / 'report.json'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ldm.config import ConfigError
@@ -140,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             _run_all(args)
         else:
             _run_stage(args.stage, args)
-    except (RecipeError, ConfigError) as exc:
+    except (RecipeError, ConfigError, _EvaluateErrors) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":  # once per distributed run
