@@ -64,15 +64,18 @@ def _fail(path, problem: str) -> CheckpointError:
     return CheckpointError(f"{path}: {problem}")
 
 
+# the names a user may give for a load/compute dtype
+DTYPE_NAMES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
 def _as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-    if dtype not in names:
+    if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be fp16, bf16 or fp32, got {dtype!r}")
-    return names[dtype]
+    return DTYPE_NAMES[dtype]
 
 
 # ---------------------------------------------------------------------------------------- reading

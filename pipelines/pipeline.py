@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ldm.checkpoint import DTYPE_NAMES as _DTYPES
 from ldm.resources import shipped_file
 
 from . import preprocess as pre
@@ -39,9 +40,6 @@ DEFAULT_CONFIG = shipped_file("configs", "tiny-shapes.yaml")
 # decoder's full-resolution level holds 128 × H × W values per tensor) and tiles bound the peak.
 AUTO_TILING_PIXELS = 1024
 
-_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
 _MODES = ("txt2img", "img2img", "inpaint")
 _OUTPUT_TYPES = ("pil", "latent")
 
