@@ -282,9 +282,6 @@ def test_lora_teaches_the_default_model_a_ring(tmp_path):
     import argparse
     import importlib.util
 
-    if not (ROOT / "weights" / "tiny-shapes.safetensors").is_file():
-        pytest.skip("the default model weights/tiny-shapes.safetensors is not installed "
-                    "(python -m training.default_model all trains it)")
     spec = importlib.util.spec_from_file_location("lora_concept", ROOT / "benchmarks" / "lora_concept.py")
     concept = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(concept)
