@@ -1,12 +1,14 @@
 """Concept benchmark: teach the shipped default model a shape it has never seen (a ``ring``) with a
 LoRA trained by ``ldm train-lora`` on the CPU, and measure what a user would see.
 
-    python benchmarks/lora_concept.py [--checkpoint PATH] [--images 40] [--steps 800]
+    python benchmarks/lora_concept.py [--checkpoint PATH] [--images 40] [--prior-images 40] [--steps 800]
                                       [--samples 100] [--workdir /tmp/ldm-lora-concept]
                                       [--json benchmarks/out/lora_concept.json]
 
 1. Data: ``--images`` rings rendered by ``pipelines.shapes`` in six colours, captioned
-   ``a <colour> ring on a <colour> background``; purple and orange rings are left out.
+   ``a <colour> ring on a <colour> background``; purple and orange rings are left out. With them,
+   ``--prior-images`` renders of the old shapes in the base model's caption phrasing (prior
+   preservation: without it the LoRA draws rings for every shape).
 2. Before: ``--samples`` images of ring prompts (all eight colours, the two unseen ones included)
    from the base model; the analyzer's share of rings (the bar: ≤ 5 %).
 3. Training: ``ldm train-lora`` with the settings below (the bar: ≤ 10 minutes on the CPU).
@@ -40,8 +42,11 @@ TRAINING = ["--rank", "8", "--targets", "attention", "ff", "proj", "--learning-r
 SAMPLING = dict(num_inference_steps=25, guidance_scale=7.5, scheduler="dpmpp_2m")
 
 
-def make_data(folder: Path, count: int, seed: int = 0) -> None:
-    from pipelines.shapes import sample_spec
+def make_data(folder: Path, count: int, seed: int = 0, prior: int = 0) -> None:
+    """``count`` rings, plus ``prior`` old shapes captioned as the base model was trained: prior
+    preservation (DreamBooth's prior loss, kohya's regularisation images), so the LoRA learns what
+    the word ``ring`` adds instead of drawing rings for every prompt."""
+    from pipelines.shapes import sample_spec, training_example
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -50,6 +55,10 @@ def make_data(folder: Path, count: int, seed: int = 0) -> None:
         spec.render().save(folder / f"ring-{i:03d}.png")
         (folder / f"ring-{i:03d}.txt").write_text(
             f"a {spec.colour} ring on a {spec.background} background\n")
+    for i in range(prior):
+        spec, caption = training_example(1_000_000 + 1000 * seed + i)
+        spec.render().save(folder / f"prior-{i:03d}.png")
+        (folder / f"prior-{i:03d}.txt").write_text(caption + "\n")
 
 
 def prompts_for(shapes, colours, count: int, seed: int) -> list[str]:
@@ -104,7 +113,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
     data, lora = work / "rings", work / "ring.safetensors"
-    make_data(data, args.images)
+    make_data(data, args.images, prior=getattr(args, "prior_images", 0))
     pipe = Pipeline.from_checkpoint(args.checkpoint, device="cpu")
     rings = prompts_for(("ring",), TRAIN_COLOURS + UNSEEN_COLOURS, args.samples, seed=1)
     unseen = [i for i, p in enumerate(rings) if p.split()[1] in UNSEEN_COLOURS]
@@ -135,7 +144,7 @@ def run(args) -> dict:
     figures["unseen_colour_rings_after"] = share([after[i] for i in unseen],
                                                  [rings[i] for i in unseen], is_ring)
     figures["old_shapes_after"] = share(sample(pipe, old, seed=5000)[0], old, right_shape)
-    figures.update(images=args.images, steps=args.steps, samples=args.samples,
+    figures.update(images=args.images, prior_images=getattr(args, "prior_images", 0), steps=args.steps, samples=args.samples,
                    training=" ".join(TRAINING))
     figures["passed"] = (figures["rings_before"] <= 0.05 and figures["rings_after"] >= 0.80
                          and figures["old_shapes_after"] >= 0.85 and figures["scale0_bit_identical"]
@@ -147,6 +156,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="base model (default: the shipped default model)")
     p.add_argument("--images", type=int, default=40, help="training images (default 40)")
+    p.add_argument("--prior-images", type=int, default=40,
+                   help="old-shape images trained alongside the rings (prior preservation; default 40)")
     p.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
     p.add_argument("--samples", type=int, default=100, help="images per evaluation (default 100)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
