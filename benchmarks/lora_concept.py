@@ -1,8 +1,8 @@
 """Concept benchmark: teach the shipped default model a shape it has never seen (a ``ring``) with a
 LoRA trained by ``ldm train-lora`` on the CPU, and measure what a user would see.
 
-    python benchmarks/lora_concept.py [--checkpoint PATH] [--images 40] [--prior-images 40] [--steps 800]
-                                      [--samples 100] [--workdir /tmp/ldm-lora-concept]
+    python benchmarks/lora_concept.py [--checkpoint PATH] [--images 40] [--prior-images 40]
+                                      [--steps 800] [--samples 100] [--workdir /tmp/ldm-lora-concept]
                                       [--json benchmarks/out/lora_concept.json]
 
 1. Data: ``--images`` rings rendered by ``pipelines.shapes`` in six colours, captioned
@@ -113,7 +113,8 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
     data, lora = work / "rings", work / "ring.safetensors"
-    make_data(data, args.images, prior=getattr(args, "prior_images", 0))
+    prior = getattr(args, "prior_images", 0)
+    make_data(data, args.images, prior=prior)
     pipe = Pipeline.from_checkpoint(args.checkpoint, device="cpu")
     rings = prompts_for(("ring",), TRAIN_COLOURS + UNSEEN_COLOURS, args.samples, seed=1)
     unseen = [i for i, p in enumerate(rings) if p.split()[1] in UNSEEN_COLOURS]
@@ -144,7 +145,7 @@ def run(args) -> dict:
     figures["unseen_colour_rings_after"] = share([after[i] for i in unseen],
                                                  [rings[i] for i in unseen], is_ring)
     figures["old_shapes_after"] = share(sample(pipe, old, seed=5000)[0], old, right_shape)
-    figures.update(images=args.images, prior_images=getattr(args, "prior_images", 0), steps=args.steps, samples=args.samples,
+    figures.update(images=args.images, prior_images=prior, steps=args.steps, samples=args.samples,
                    training=" ".join(TRAINING))
     figures["passed"] = (figures["rings_before"] <= 0.05 and figures["rings_after"] >= 0.80
                          and figures["old_shapes_after"] >= 0.85 and figures["scale0_bit_identical"]
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="base model (default: the shipped default model)")
     p.add_argument("--images", type=int, default=40, help="training images (default 40)")
     p.add_argument("--prior-images", type=int, default=40,
-                   help="old-shape images trained alongside the rings (prior preservation; default 40)")
+                   help="old-shape images trained with the rings (prior preservation; default 40)")
     p.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
     p.add_argument("--samples", type=int, default=100, help="images per evaluation (default 100)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
