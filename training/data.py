@@ -31,6 +31,7 @@ class DataError(ValueError):
 class Example:
     path: Path
     caption: str
+    weight: float = 1.0  # loss weight: --prior-loss-weight for regularisation images
 
 
 def _listing(items, limit: int = 5) -> str:
@@ -182,7 +183,7 @@ class ImageCaptions(Dataset):
         i, crop_rng, flip, drop = self.choices(key)
         ex = self.examples[i]
         pixels = prepare_image(ex.path, self.augment.resolution, crop_rng, flip)
-        return {"pixels": pixels, "caption": "" if drop else ex.caption}
+        return {"pixels": pixels, "caption": "" if drop else ex.caption, "weight": ex.weight}
 
 
 class CachedLatents(Dataset):
@@ -202,8 +203,9 @@ class CachedLatents(Dataset):
     def __getitem__(self, key: int) -> dict:
         i, _, flip, drop = self.source.choices(key)
         row = i + (len(self.source) if flip else 0)
-        caption = "" if drop else self.source.examples[i].caption
-        return {"mean": self.mean[row], "std": self.std[row], "caption": caption}
+        ex = self.source.examples[i]
+        return {"mean": self.mean[row], "std": self.std[row], "caption": "" if drop else ex.caption,
+                "weight": ex.weight}
 
 
 @torch.no_grad()
@@ -228,7 +230,8 @@ def encode_posteriors(source: ImageCaptions, vae, device, batch_size: int = 8,
 
 
 def collate(items: list[dict]) -> dict:
-    out = {"caption": [it["caption"] for it in items]}
+    out = {"caption": [it["caption"] for it in items],
+           "weight": torch.tensor([float(it.get("weight", 1.0)) for it in items])}
     for name in ("pixels", "mean", "std"):
         if name in items[0]:
             out[name] = torch.stack([it[name] for it in items])

@@ -77,6 +77,12 @@ def build_parser(prog: str = "ldm train-lora") -> Parser:
     d = p.add_argument_group("data")
     d.add_argument("--resolution", type=_number(int, 8), metavar="PX",
                    help="training size, a multiple of 8 (default: the model's)")
+    d.add_argument("--reg-data", metavar="DIR",
+                   help="regularisation images with captions in the same layouts (prior "
+                        "preservation, as kohya's reg_data_dir): mixed into the stream so that the "
+                        "LoRA keeps what the base model drew for their captions")
+    d.add_argument("--prior-loss-weight", type=_number(float, 0), default=1.0, metavar="W",
+                   help="loss weight of the --reg-data images (default: 1.0)")
     d.add_argument("--caption-dropout", type=_number(float, 0, 1), default=0.0, metavar="P",
                    help="probability of training on the empty caption (default: 0)")
     d.add_argument("--flip", action="store_true", help="mirror images at random")
@@ -137,6 +143,8 @@ def check(args) -> None:
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file or folder")
     if args.validation_prompt and not all(t.strip() for t in args.validation_prompt):
         raise UsageError("--validation-prompt must not be empty")
+    if args.reg_data and Path(args.reg_data).resolve() == Path(args.data).resolve():
+        raise UsageError("--reg-data must be another folder than --data")
     resolve_targets(args)
 
 

@@ -146,6 +146,8 @@ def micro_batch_loss(model, denoiser, batch: dict, gen: torch.Generator, args, d
         snr = ac / (1 - ac)
         clipped = torch.clamp(snr, max=args.min_snr_gamma)
         per_sample = per_sample * (clipped / (snr + 1 if model.config.parameterization == "v" else snr))
+    if "weight" in batch:  # regularisation images count --prior-loss-weight times
+        per_sample = per_sample * batch["weight"].to(device)
     return per_sample.mean()
 
 
@@ -210,6 +212,11 @@ def train(args) -> None:
     # 1. inputs, before anything heavy
     unet_targets, text_targets = resolve_targets(args)
     examples = scan_folder(args.data)
+    n_train = len(examples)
+    if args.reg_data:
+        from dataclasses import replace
+
+        examples += [replace(ex, weight=args.prior_loss_weight) for ex in scan_folder(args.reg_data)]
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu,
                               gradient_accumulation_steps=args.gradient_accumulation_steps)
     if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -345,7 +352,9 @@ def train(args) -> None:
                          "processes": accelerator.num_processes,
                          "targets": ",".join(unet_targets + text_targets),
                          "ss_learning_rate": args.learning_rate,
-                         "ss_num_train_images": len(examples)})
+                         "ss_num_train_images": n_train,
+                         "ss_num_reg_images": len(examples) - n_train,
+                         "ss_prior_loss_weight": args.prior_loss_weight})
         rate = f", {done / wall:.2f} steps/s" if done and wall > 0 else ""
         last = f", loss {smoothed:.4g}" if smoothed is not None else ""
         print(f"trained {step} steps ({done} in this run, {wall:.1f} s{rate}{last}); wrote {out}")

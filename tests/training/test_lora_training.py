@@ -159,6 +159,46 @@ def test_state_limit_and_resume_paths(files, tmp_path, capsys):
     assert code == 1 and "rank" in err and err.count("\n") == 1, err
 
 
+def test_regularisation_images_are_weighted_by_the_prior_loss_weight(files, tmp_path):
+    """Each sample's loss is multiplied by its weight before the batch mean (kohya's
+    prior_loss_weight): checked against the per-sample losses of the same draw."""
+    from types import SimpleNamespace
+
+    from ldm.model import LatentDiffusion
+    from tests.reference import randomize_
+    from tests.tiny import tiny_config
+    from training.lora_loop import Denoiser, micro_batch_loss
+
+    model = randomize_(LatentDiffusion(tiny_config("sd1")), seed=1).eval()
+    denoiser = Denoiser(model)
+    args = SimpleNamespace(noise_offset=0.0, min_snr_gamma=None)
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+
+    def loss(weights):
+        batch = {"pixels": pixels, "caption": ["a red ring", "a blue square"],
+                 "weight": torch.tensor(weights)}
+        with torch.no_grad():
+            return micro_batch_loss(model, denoiser, batch, torch.Generator().manual_seed(3), args,
+                                    "cpu", False).item()
+
+    first, second = 2 * loss([1.0, 0.0]), 2 * loss([0.0, 1.0])
+    assert first > 0 and second > 0 and abs(first - second) > 1e-6
+    assert loss([1.0, 1.0]) == pytest.approx((first + second) / 2, rel=1e-5)
+    assert loss([1.0, 0.25]) == pytest.approx((first + 0.25 * second) / 2, rel=1e-5)
+
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for i in range(3):
+        spec = sample_spec(random.Random(10 + i), shape="circle")
+        spec.render(32).save(reg / f"prior{i}.png")
+        (reg / f"prior{i}.txt").write_text(f"a {spec.colour} circle on a {spec.background} background")
+    out = tmp_path / "ring.safetensors"
+    assert train(files, out, "--max-steps", 2, "--reg-data", reg, "--prior-loss-weight", 0.5) == 0
+    _, meta = read(out)
+    assert (meta["ss_num_train_images"], meta["ss_num_reg_images"]) == ("6", "3")
+    assert meta["ss_prior_loss_weight"] == "0.5"
+
+
 def test_cached_latents_train_the_same_adapter(files, tmp_path):
     common = ["--max-steps", 3, "--flip", "--learning-rate", "1e-3"]
     assert train(files, tmp_path / "plain.safetensors", *common) == 0
@@ -221,10 +261,13 @@ def _bad_folder(root: Path, kind: str) -> Path:
     ("text-targets", "text-encoder targets need --train-text-encoder", 2),
     ("no-default-model", "no default model is installed", 1),
     ("fp16-on-cpu", "--mixed-precision fp16 needs a GPU", 1),
+    ("reg-empty", "no images in it", 1),
+    ("reg-same", "--reg-data must be another folder than --data", 2),
 ])
 def test_bad_inputs_give_one_error_line(files, tmp_path, capsys, monkeypatch, case, fragment, status):
     data = files["data"] if case in ("rank", "suffix", "resume", "text-targets", "no-default-model",
-                                     "fp16-on-cpu") else _bad_folder(tmp_path, case)
+                                     "fp16-on-cpu", "reg-empty", "reg-same") \
+        else _bad_folder(tmp_path, case)
     out = tmp_path / ("r.ckpt" if case == "suffix" else "r.safetensors")
     argv = ["train-lora", "--data", data, "--output", out, "--max-steps", 1, "-q"]
     if case != "no-default-model":
@@ -234,8 +277,10 @@ def test_bad_inputs_give_one_error_line(files, tmp_path, capsys, monkeypatch, ca
 
         monkeypatch.setattr(pipelines.pipeline, "DEFAULT_CHECKPOINT", tmp_path / "absent.safetensors")
     argv += {"rank": ["--rank", 0], "resume": ["--resume", tmp_path], "text-targets":
-             ["--targets", "text-mlp"], "fp16-on-cpu": ["--mixed-precision", "fp16", "--cpu"]
-             }.get(case, [])
+             ["--targets", "text-mlp"], "fp16-on-cpu": ["--mixed-precision", "fp16", "--cpu"],
+             "reg-same": ["--reg-data", data]}.get(case, [])
+    if case == "reg-empty":
+        argv += ["--reg-data", _bad_folder(tmp_path, "empty")]
     code = main([str(a) for a in argv])
     _, err = capsys.readouterr()
     assert code == status
