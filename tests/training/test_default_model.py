@@ -118,6 +118,77 @@ def test_vae_loss_falls():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_shape_region_weights_cover_the_shape_and_its_margin_only():
+    from pipelines.shapes import ShapeSpec
+    from training.shapes_data import image_to_tensor
+
+    spec = ShapeSpec("red", "square", "blue", "small", "in the center", side=16, dx=0, dy=0)
+    image = image_to_tensor(spec.render())[None]
+    w = vae.shape_region_weights(image, 10.0, margin=3)[0, 0]
+    inside = (image[0] - image[0, :, :1, :1]).abs().amax(0) > 0.1  # pixels unlike the corner
+    ys, xs = inside.nonzero(as_tuple=True)
+    y0, y1, x0, x1 = ys.min().item(), ys.max().item(), xs.min().item(), xs.max().item()
+    assert torch.all(w[inside] == 11.0)
+    assert torch.all(w[y0 - 3:y1 + 4, x0 - 3:x1 + 4] == 11.0)  # a square's margin is its box + 3
+    ring = torch.ones_like(w, dtype=torch.bool)
+    ring[y0 - 3:y1 + 4, x0 - 3:x1 + 4] = False
+    assert torch.all(w[ring] == 1.0)
+
+
+def test_vae_loss_weights_the_shape_region():
+    """The weighted L1 term equals the hand-computed weighted mean; the pyramid term adds the L1 of
+    2×- and 4×-pooled images."""
+
+    class Echo(torch.nn.Module):  # recon = input + fixed error; KL 0
+        def __init__(self, error):
+            super().__init__()
+            self.error = error
+
+        def forward(self, x, generator=None):
+            class Post:
+                @staticmethod
+                def kl():
+                    return torch.zeros(len(x))
+            return x + self.error, Post()
+
+    images, _ = vae.render_batch(0, 0, 2)
+    error = torch.rand(images.shape, generator=torch.Generator().manual_seed(0)) * 0.2
+    model = Echo(error)
+    w = vae.shape_region_weights(images, 4.0)
+    expect = (error * w).mean() / w.mean()
+    got = vae.vae_loss(model, images, vae.VAEOptions(edge_weight=0, pyramid_weight=0, shape_weight=4.0))
+    assert got.item() == pytest.approx(expect.item(), rel=1e-5)
+    plain = vae.vae_loss(model, images, vae.VAEOptions(edge_weight=0, pyramid_weight=0, shape_weight=0))
+    assert plain.item() == pytest.approx(error.mean().item(), rel=1e-5)
+    pooled = sum(torch.nn.functional.avg_pool2d(error, f).mean() for f in (2, 4))
+    both = vae.vae_loss(model, images, vae.VAEOptions(edge_weight=0, pyramid_weight=0.5, shape_weight=0))
+    assert both.item() == pytest.approx((error.mean() + 0.5 * pooled).item(), rel=1e-5)
+
+
+def test_reconstruction_shape_accuracy_reads_reconstructions_with_the_analyzer():
+    class Perfect(torch.nn.Module):  # decode(encode(x)) == x
+        def encode(self, x):
+            class Post:
+                @staticmethod
+                def mode():
+                    return x
+            return Post()
+
+        def decode(self, z):
+            return z
+
+    class Blur(Perfect):  # a 9×9 box blur rounds every corner
+        def decode(self, z):
+            return torch.nn.functional.avg_pool2d(z, 9, stride=1, padding=4, count_include_pad=False)
+
+    Perfect.parameters = Blur.parameters = lambda self: iter([torch.zeros(1)])
+    perfect = vae.reconstruction_shapes(Perfect(), 24, seed=5, batch=12)
+    assert perfect["shape_all"] == 1.0 and set(perfect) == {"shape_circle", "shape_square",
+                                                           "shape_triangle", "shape_all"}
+    blurred = vae.reconstruction_shapes(Blur(), 24, seed=5, batch=12)
+    assert blurred["shape_all"] < 1.0
+
+
 def test_contrastive_loss_counts_identical_captions_as_matches():
     def grad(captions):
         logits = torch.tensor([[5.0, 5.0, 0.0], [5.0, 5.0, 0.0], [0.0, 0.0, 5.0]], requires_grad=True)

@@ -61,6 +61,8 @@ def test_evaluate_command_runs_on_a_model_and_keeps_inpainting_outside_the_mask(
     assert report["inpaint"]["outside_unchanged"]["accuracy"] == 1.0  # bit-identical outside the hole
     assert report["psnr_db"] < 20  # random weights reconstruct nothing
     assert report["passed"]["psnr_db"] is False
+    assert report["reconstruction_shapes"]["shape_all"] < 0.5  # nor any shape
+    assert "autoencoder shape kept: " in evaluate.format_report(report)
 
 
 def test_evaluate_command_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):

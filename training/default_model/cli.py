@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         if stage == "vae":
             p.add_argument("--kl-weight", type=float, default=1e-6)
             p.add_argument("--edge-weight", type=float, default=0.5)
+            p.add_argument("--pyramid-weight", type=float, default=0.0,
+                           help="L1 weight at 1/2 and 1/4 resolution (shape outlines over edge detail)")
+            p.add_argument("--shape-weight", type=float, default=0.0,
+                           help="extra L1 weight on and around the shape (default %(default)s)")
             p.add_argument("--scale-images", type=int, default=2048,
                            help="renders over which the latent std is measured")
         if stage in ("vae", "clip"):
@@ -128,7 +132,9 @@ def _run_stage(stage: str, args) -> None:
     settings = _settings(args, stage)
     if stage == "vae":
         vae.run(settings, vae.VAEOptions(kl_weight=args.kl_weight, edge_weight=args.edge_weight,
-                                         eval_images=args.eval_images, scale_images=args.scale_images))
+                                         pyramid_weight=args.pyramid_weight,
+                                         shape_weight=args.shape_weight, eval_images=args.eval_images,
+                                         scale_images=args.scale_images))
     elif stage == "clip":
         clip.run(settings, clip.CLIPOptions(eval_images=args.eval_images))
     elif stage == "unet":
