@@ -126,6 +126,8 @@ def run(args) -> dict:
     prior = getattr(args, "prior_images", 0)
     prior_weight = getattr(args, "prior_loss_weight", 1.0)
     targets = getattr(args, "targets", None) or list(TARGETS)
+    settings = ["--targets", *targets, "--learning-rate", str(getattr(args, "learning_rate", 1e-3)),
+                *TRAINING]
     make_data(data, args.images, prior=prior, prior_folder=priors)
     pipe = Pipeline.from_checkpoint(args.checkpoint, device="cpu")
     rings = prompts_for(("ring",), TRAIN_COLOURS + UNSEEN_COLOURS, args.samples, seed=1)
@@ -137,8 +139,7 @@ def run(args) -> dict:
                "old_shapes_before": share(sample(pipe, old, seed=5000)[0], old, right_shape)}
 
     argv = ["--data", str(data), "--output", str(lora), "--max-steps", str(args.steps),
-            "--seed", "0", "-q", "--targets", *targets,
-            "--learning-rate", str(getattr(args, "learning_rate", 1e-3)), *TRAINING]
+            "--seed", "0", "-q", *settings]
     if prior:
         argv += ["--reg-data", str(priors), "--prior-loss-weight", str(prior_weight)]
     if args.checkpoint:
@@ -162,8 +163,7 @@ def run(args) -> dict:
     figures["old_shapes_after"] = share(sample(pipe, old, seed=5000)[0], old, right_shape)
     figures.update(images=args.images, prior_images=prior, prior_loss_weight=prior_weight,
                    steps=args.steps, samples=args.samples,
-                   training=" ".join(["--targets", *targets, "--learning-rate",
-                                      str(getattr(args, "learning_rate", 1e-3)), *TRAINING]))
+                   training=" ".join(settings))
     figures["passed"] = (figures["rings_before"] <= 0.05 and figures["rings_after"] >= 0.80
                          and figures["old_shapes_after"] >= 0.85 and figures["scale0_bit_identical"]
                          and figures["training_seconds"] <= 600)

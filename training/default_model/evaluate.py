@@ -134,10 +134,11 @@ def _autoencoder(pipe, count: int, seed: int) -> tuple[float, dict]:
 
     import torch
 
-    from .vae import reconstruction_psnr, reconstruction_shapes
+    from .vae import reconstruction_figures
 
     vae = copy.deepcopy(pipe.model.first_stage_model).to("cpu", torch.float32)
-    return reconstruction_psnr(vae, count, seed), reconstruction_shapes(vae, count, seed)
+    figures = reconstruction_figures(vae, count, seed)
+    return figures.pop("psnr_db"), figures
 
 
 def _seconds_per_image(pipe, opts: EvalOptions, repeats: int = 5) -> float:

@@ -78,41 +78,36 @@ def vae_loss(model: AutoencoderKL, images: torch.Tensor, opts: VAEOptions,
 
 
 @torch.no_grad()
-def reconstruction_psnr(model: AutoencoderKL, count: int, seed: int, batch: int = 128) -> float:
-    """Mean PSNR (dB) of 8-bit reconstructions (posterior mode) of ``count`` fresh renders."""
-    model.eval()
-    device = next(model.parameters()).device
-    values = []
-    for start in range(0, count, batch):
-        images, _ = render_batch(seed, start, min(batch, count - start))
-        images = images.to(device)
-        recon = model.decode(model.encode(images).mode()).clamp(-1, 1)
-        recon8 = ((recon + 1) * 127.5).round() / 255.0  # what a saved image holds
-        mse = (recon8 - (images + 1) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        values += (10 * torch.log10(1 / mse)).tolist()
-    return sum(values) / len(values)
-
-
-@torch.no_grad()
-def reconstruction_shapes(model: AutoencoderKL, count: int, seed: int, batch: int = 128) -> dict:
-    """Share of ``count`` fresh renders whose reconstruction the analyzer reads as the same shape,
-    per shape. PSNR alone hides blunt triangle corners, which turn into circles for the analyzer."""
+def reconstruction_figures(model: AutoencoderKL, count: int, seed: int, batch: int = 128) -> dict:
+    """One pass over ``count`` fresh renders, reconstructed from the posterior mode as 8-bit images:
+    mean PSNR (``psnr_db``) and, per shape, the share the analyzer reads as the same shape
+    (``shape_<name>``, ``shape_all``). PSNR alone hides blunt triangle corners, which turn into
+    circles for the analyzer."""
     from pipelines.shapes import SHAPES, analyze
 
     from ..shapes_data import tensor_to_uint8
 
     model.eval()
     device = next(model.parameters()).device
-    hits = {s: [0, 0] for s in SHAPES}
+    psnr, hits = [], {s: [0, 0] for s in SHAPES}
     for start in range(0, count, batch):
         images, specs = render_batch(seed, start, min(batch, count - start))
-        recon = model.decode(model.encode(images.to(device)).mode())
-        for arr, spec in zip(tensor_to_uint8(recon), specs):
+        recon8 = tensor_to_uint8(model.decode(model.encode(images.to(device)).mode()))  # as saved
+        mse = (torch.from_numpy(recon8).permute(0, 3, 1, 2) / 255.0 - (images + 1) / 2)
+        psnr += (10 * torch.log10(1 / mse.pow(2).flatten(1).mean(1).clamp_min(1e-10))).tolist()
+        for arr, spec in zip(recon8, specs):
             hits[spec.shape][0] += analyze(arr).shape == spec.shape
             hits[spec.shape][1] += 1
-    out = {f"shape_{s}": h / max(n, 1) for s, (h, n) in hits.items()}
+    out = {"psnr_db": sum(psnr) / len(psnr)}
+    out.update({f"shape_{s}": h / max(n, 1) for s, (h, n) in hits.items()})
     out["shape_all"] = sum(h for h, _ in hits.values()) / max(count, 1)
     return out
+
+
+def reconstruction_shapes(model: AutoencoderKL, count: int, seed: int, batch: int = 128) -> dict:
+    """The shape shares of :func:`reconstruction_figures`."""
+    figures = reconstruction_figures(model, count, seed, batch)
+    return {k: v for k, v in figures.items() if k.startswith("shape_")}
 
 
 @torch.no_grad()
@@ -148,9 +143,7 @@ def run(settings: Settings, opts: VAEOptions | None = None) -> dict:
     stats = {}
     if accelerator.is_main_process:
         stats = {"steps": settings.steps,
-                 "psnr_db": reconstruction_psnr(model, opts.eval_images,
-                                                settings.seed + EVAL_SEED_OFFSET),
-                 **reconstruction_shapes(model, opts.eval_images, settings.seed + EVAL_SEED_OFFSET),
+                 **reconstruction_figures(model, opts.eval_images, settings.seed + EVAL_SEED_OFFSET),
                  **latent_statistics(model, opts.scale_images, settings.seed)}
         out = settings.out / STAGE
         save_weights(model.state_dict(), out / "autoencoder.safetensors")
