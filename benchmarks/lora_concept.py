@@ -47,7 +47,8 @@ TARGETS = ("attention", "ff", "proj")
 TRAINING = ["--rank", "8",
             "--batch-size", "8", "--min-snr-gamma", "5", "--cache-latents", "--flip",
             "--checkpointing-steps", "100000"]
-SAMPLING = dict(num_inference_steps=25, guidance_scale=7.5, scheduler="dpmpp_2m")
+# sampling: the base model's defaults (its config's sampling section), unless --guidance-scale
+SAMPLING: dict = {}
 
 
 def make_data(folder: Path, count: int, seed: int = 0, prior: int = 0,
@@ -154,6 +155,8 @@ def run(args) -> dict:
     settings = ["--targets", *targets, "--learning-rate", str(getattr(args, "learning_rate", 1e-3)),
                 *TRAINING]
     ring_size = getattr(args, "ring_size", "large")
+    if getattr(args, "guidance_scale", None) is not None:
+        SAMPLING["guidance_scale"] = args.guidance_scale
     make_data(data, args.images, prior=prior, prior_folder=priors,
               size=None if ring_size == "any" else ring_size)
     pipe = Pipeline.from_checkpoint(args.checkpoint, device="cpu")
@@ -191,6 +194,8 @@ def run(args) -> dict:
     figures["old_shapes_after"] = share(sample(pipe, old, seed=5000)[0], old, right_shape)
     figures.update(images=args.images, prior_images=prior, prior_loss_weight=prior_weight,
                    steps=args.steps, samples=args.samples, ring_size=ring_size,
+                   sampling=dict(zip(("steps", "guidance_scale", "scheduler"), pipe.sampling_settings(
+                       SAMPLING.get("num_inference_steps"), SAMPLING.get("guidance_scale")))),
                    training=" ".join(settings))
     figures["passed"] = (figures["rings_before"] <= 0.05 and figures["rings_after"] >= 0.80
                          and figures["old_shapes_after"] >= 0.85 and figures["scale0_bit_identical"]
@@ -212,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--ring-size", choices=("large", "small", "any"), default="large",
                    help="size of the training rings (default large)")
     p.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="sampling guidance (default: the base model's)")
     p.add_argument("--samples", type=int, default=100, help="images per evaluation (default 100)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--workdir", default="/tmp/ldm-lora-concept")

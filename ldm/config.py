@@ -97,6 +97,16 @@ class TextEncoderConfig:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """How the model's makers recommend sampling it: the optional top-level ``sampling:`` section of
+    the YAML (outside ``model:``, so CompVis-style loaders ignore it). The pipeline falls back to these
+    when the caller leaves a setting unset; the defaults are SD's usual ones."""
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 25
+    scheduler: str = "dpmpp_2m"
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -110,6 +120,7 @@ class ModelConfig:
     conditioning_key: str = "crossattn"  # "hybrid" for 9-channel inpainting models
     image_size: int = 64  # latent size the model was trained at
     channels: int = 4
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     @property
     def is_inpainting(self) -> bool:
@@ -226,6 +237,20 @@ def _text_config(section: dict) -> TextEncoderConfig:
     return _build(TextEncoderConfig, {**params, "kind": "clip"}, path)
 
 
+def _sampling(tree: dict) -> SamplingDefaults:
+    if "sampling" not in tree:
+        return SamplingDefaults()
+    out = _build(SamplingDefaults, _section(tree, "sampling", mapping=True), "sampling")
+    if out.guidance_scale < 0:
+        raise ConfigError(f"'sampling.guidance_scale' must be >= 0, got {out.guidance_scale}")
+    if isinstance(out.num_inference_steps, float) or out.num_inference_steps < 1:
+        raise ConfigError(f"'sampling.num_inference_steps' must be a whole number >= 1, "
+                          f"got {out.num_inference_steps}")
+    if not isinstance(out.scheduler, str):
+        raise ConfigError(f"'sampling.scheduler' must be a scheduler name, got {out.scheduler!r}")
+    return out
+
+
 def parse_config(tree: dict, source: str = "config") -> ModelConfig:
     """Turn a CompVis YAML tree into a :class:`ModelConfig`; errors name the offending field."""
     try:
@@ -248,7 +273,7 @@ def parse_config(tree: dict, source: str = "config") -> ModelConfig:
             params.pop(key)
         params.setdefault("conditioning_key", conditioning)
         cfg = _build(ModelConfig, params, "model.params", ignore=_LDM_IGNORED)
-        cfg = cfg.replace(unet=unet, autoencoder=vae, text=text)
+        cfg = cfg.replace(unet=unet, autoencoder=vae, text=text, sampling=_sampling(tree))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     validate(cfg, source)

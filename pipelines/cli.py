@@ -56,7 +56,7 @@ def _check_model_args(args) -> None:
         from ldm.config import load_config
         load_config(args.config)  # ConfigError names the file and the field
     from pipelines.schedulers import SCHEDULERS
-    if args.scheduler not in SCHEDULERS:
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise UsageError(f"argument --scheduler: unknown scheduler {args.scheduler!r}; "
                          f"choose from {', '.join(SCHEDULERS)}")
     if args.device is not None:
@@ -121,10 +121,6 @@ def _generate(args) -> int:
             _note(args, message)
         extra["mask"] = mask
         extra["mask_blur"] = args.mask_blur
-    if "strength" in extra and int(args.steps * args.strength) == 0:
-        # diffusers' img2img rule: only the last int(steps * strength) timesteps run
-        _note(args, f"--steps {args.steps} with --strength {args.strength:g} runs no denoising step; "
-                    "raise --steps or --strength to change the image")
     _check_model_args(args)
     seed = args.seed
     if seed is None or seed == -1:
@@ -136,6 +132,11 @@ def _generate(args) -> int:
     # 2. the model (the file's hash for the PNG metadata is computed once, on first use)
     pipe = _load_pipeline(args)
     run = getattr(pipe, args.command)
+    steps, _, _ = pipe.sampling_settings(args.steps)
+    if "strength" in extra and int(steps * args.strength) == 0:
+        # diffusers' img2img rule: only the last int(steps * strength) timesteps run
+        _note(args, f"--steps {steps} with --strength {args.strength:g} runs no denoising step; "
+                    "raise --steps or --strength to change the image")
     size = {k: v for k, v in (("width", args.width), ("height", args.height)) if v is not None}
 
     # 3. one call per prompt; each prompt's images are written as soon as they exist

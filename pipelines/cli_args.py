@@ -101,13 +101,15 @@ def _generation_options(p: argparse.ArgumentParser, strength: float | None, mask
                    help="decode large images in overlapping tiles to save memory")
     s = p.add_argument_group("sampling")
     s.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to steer away from")
-    s.add_argument("--steps", type=_int_at_least(1), default=25, metavar="N",
-                   help="denoising steps (default: 25)")
-    s.add_argument("--guidance-scale", type=_float_in(0.0), default=7.5, metavar="G",
-                   help="classifier-free guidance scale (default: 7.5; 1 or less turns guidance off)")
-    s.add_argument("--scheduler", default="dpmpp_2m", metavar="NAME",
+    # None: the model config's sampling section (tiny-shapes recommends its own guidance scale)
+    s.add_argument("--steps", type=_int_at_least(1), default=None, metavar="N",
+                   help="denoising steps (default: the model's, else 25)")
+    s.add_argument("--guidance-scale", type=_float_in(0.0), default=None, metavar="G",
+                   help="classifier-free guidance scale; 1 or less turns guidance off (default: the "
+                        "model's, else 7.5; the default model's is 2.5)")
+    s.add_argument("--scheduler", default=None, metavar="NAME",
                    help="ddim, ddpm, pndm, lms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, "
-                        "dpmpp_sde_karras, unipc (default: dpmpp_2m)")
+                        "dpmpp_sde_karras, unipc (default: the model's, else dpmpp_2m)")
     s.add_argument("--seed", type=_seed, metavar="S",
                    help="random seed; image i of a batch uses S+i (default: random, printed)")
     s.add_argument("--width", type=_int_at_least(1), metavar="W", help="default: the model's size")

@@ -186,6 +186,13 @@ class Pipeline:
             out["Lora scales"] = ", ".join(f"{a['name']}: {a['scale']:g}" for a in used)
         return out
 
+    def sampling_settings(self, steps=None, guidance_scale=None, scheduler=None) -> tuple:
+        """(steps, guidance scale, scheduler): the given ones, the rest from the model's defaults."""
+        d = self.model.config.sampling
+        return (d.num_inference_steps if steps is None else steps,
+                d.guidance_scale if guidance_scale is None else guidance_scale,
+                d.scheduler if scheduler is None else scheduler)
+
     # ------------------------------------------------------------------ entry points
     def txt2img(self, prompt, **kwargs) -> GenerationResult:
         """Images from text. Keyword arguments: see :meth:`_generate`."""
@@ -208,9 +215,9 @@ class Pipeline:
     # ------------------------------------------------------------------ the flow
     @torch.inference_mode()
     def _generate(self, mode: str, prompt, *, image=None, mask=None, strength: float = 1.0,
-                  mask_blur: int = 0, negative_prompt="", num_inference_steps: int = 25,
-                  guidance_scale: float = 7.5, scheduler: str = "dpmpp_2m", seed: int | None = None,
-                  generator=None, height: int | None = None, width: int | None = None,
+                  mask_blur: int = 0, negative_prompt="", num_inference_steps: int | None = None,
+                  guidance_scale: float | None = None, scheduler: str | None = None,
+                  seed: int | None = None, generator=None, height: int | None = None, width: int | None = None,
                   num_images: int = 1, eta: float = 0.0, clip_skip: int = 0,
                   guidance_rescale: float = 0.0, callback=None, progress: bool = True,
                   output_type: str = "pil", return_latents: bool = False) -> GenerationResult:
@@ -220,6 +227,8 @@ class Pipeline:
         num_inference_steps scheduler steps (img2img/inpaint run the last ``int(steps·strength)``)
         guidance_scale      classifier-free guidance g; 1 turns the unconditional pass off
         scheduler           a name from ``pipelines.schedulers.SCHEDULERS``
+                            (these three, when None: the model config's ``sampling`` section,
+                            else 25 steps of dpmpp_2m at guidance 7.5)
         seed / generator    image i uses ``Generator("cpu").manual_seed(seed + i)``; or explicit
                             generator(s), as diffusers takes them (not both)
         height, width       multiples of 8; default: the model's size (txt2img) or the image's
@@ -234,6 +243,8 @@ class Pipeline:
         model, cfg = self.model, self.model.config
 
         # 1. check inputs (everything, before any work)
+        num_inference_steps, guidance_scale, scheduler = self.sampling_settings(
+            num_inference_steps, guidance_scale, scheduler)
         prompts = _as_prompts(prompt, "prompt")
         negatives = _as_prompts(negative_prompt, "negative_prompt")
         if len(negatives) == 1:

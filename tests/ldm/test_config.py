@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ldm.config import CONFIG_DIR, ConfigError, builtin_config, load_config
+from ldm.config import CONFIG_DIR, ConfigError, SamplingDefaults, builtin_config, load_config
 
 SD_CONFIGS = ["v1-inference", "v1-inpainting-inference", "v2-inference", "v2-inference-v",
               "v2-inpainting-inference"]
@@ -231,3 +231,31 @@ def test_unknown_builtin_name_lists_known_ones():
     with pytest.raises(ConfigError) as info:
         builtin_config("v3-inference")
     assert "v1-inference" in str(info.value) and "v2-inference-v" in str(info.value)
+
+
+# ---- sampling defaults (top-level ``sampling:``, outside the CompVis schema) -------------------
+
+def test_sampling_defaults_absent_are_sds_usual_ones():
+    assert builtin_config("v1-inference").sampling == SamplingDefaults(7.5, 25, "dpmpp_2m")
+
+
+def test_sampling_section_is_read(tmp_path):
+    tree = edited(lambda t: t.update(sampling={"guidance_scale": 3, "scheduler": "euler"}))
+    cfg = load_config(write(tmp_path, tree))
+    assert cfg.sampling == SamplingDefaults(guidance_scale=3.0, num_inference_steps=25,
+                                            scheduler="euler")
+    assert isinstance(cfg.sampling.guidance_scale, float)
+
+
+@pytest.mark.parametrize("section, fragment", [
+    ({"cfg": 3}, "unknown field 'sampling.cfg'"),
+    ({"guidance_scale": "high"}, "'sampling.guidance_scale' must be a number"),
+    ({"guidance_scale": -1}, "'sampling.guidance_scale' must be >= 0"),
+    ({"num_inference_steps": 0}, "'sampling.num_inference_steps' must be a whole number >= 1"),
+    ({"num_inference_steps": 2.5}, "'sampling.num_inference_steps' must be a whole number >= 1"),
+    ({"scheduler": 3}, "'sampling.scheduler' must be a scheduler name"),
+    ([1, 2], "'sampling' must be a mapping"),
+])
+def test_bad_sampling_section(tmp_path, section, fragment):
+    assert fragment in load_error(tmp_path, edited(lambda t: t.update(sampling=section)))
+

@@ -291,6 +291,24 @@ def test_txt2img_writes_png_with_parameters(tiny, tmp_path, capsys):
     assert sorted(p.name for p in out_path.parent.iterdir()) == ["a.png"]  # no temp file left
 
 
+def test_sampling_defaults_come_from_the_model_config(tiny, tmp_path, capsys):
+    from tests.tiny import tiny_tree
+
+    tree = tiny_tree("sd1")
+    tree["sampling"] = {"guidance_scale": 3.5, "num_inference_steps": 2, "scheduler": "euler"}
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(tree))
+    argv = ["txt2img", "x", "--seed", "1", "--width", "16", "--height", "16", "-q",
+            "--checkpoint", tiny / "tiny.safetensors", "--config", tmp_path / "own.yaml"]
+    code, _, err = run(argv + ["-o", tmp_path / "a.png"], capsys)
+    assert code == 0, err
+    p = parse_parameters(Image.open(tmp_path / "a.png").info["parameters"])
+    assert (p["steps"], p["cfg_scale"], p["sampler"]) == (2, 3.5, "euler")
+    code, _, err = run(argv + ["-o", tmp_path / "b.png", "--guidance-scale", "6"], capsys)
+    assert code == 0, err
+    p = parse_parameters(Image.open(tmp_path / "b.png").info["parameters"])
+    assert (p["steps"], p["cfg_scale"], p["sampler"]) == (2, 6.0, "euler")
+
+
 def test_random_seed_is_printed_and_reproduces(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = ["txt2img", "x", "--steps", "1", "--width", "16", "--height", "16"] + model_args(tiny)

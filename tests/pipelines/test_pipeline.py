@@ -335,3 +335,23 @@ def test_the_denoising_loop_never_reads_tensors_back(pipe, monkeypatch, mode, sc
         pipe.txt2img("a cat", scheduler=scheduler, seed=1, height=16, width=16, guidance_rescale=0.5,
                      callback=lambda i, n, x: None, **FAST)
     assert offenders == []
+
+
+def test_unset_sampling_settings_come_from_the_model_config(models):
+    from ldm.config import SamplingDefaults
+
+    model = copy.deepcopy(models["sd1"])
+    model.config = model.config.replace(sampling=SamplingDefaults(3.0, 2, "euler"))
+    own = Pipeline(model, device="cpu", model_name="tiny")
+    small = dict(seed=4, height=16, width=16, progress=False, output_type="latent")
+    implicit = own.txt2img("a cat", **small)
+    explicit = own.txt2img("a cat", num_inference_steps=2, guidance_scale=3.0, scheduler="euler",
+                           **small)
+    assert implicit.parameters == explicit.parameters
+    used = {k: implicit.parameters[0][k] for k in ("steps", "cfg_scale", "sampler")}
+    assert used == {"steps": 2, "cfg_scale": 3.0, "sampler": "euler"}
+    assert torch.equal(implicit.latents, explicit.latents)
+    # what the caller gives wins; unset ones still come from the model
+    other = own.txt2img("a cat", guidance_scale=7.5, **small)
+    assert other.parameters[0]["cfg_scale"] == 7.5 and other.parameters[0]["steps"] == 2
+    assert not torch.equal(other.latents, implicit.latents)

@@ -195,8 +195,9 @@ def run(opts: EvalOptions, out_dir: Path) -> dict:
     trained_pairs = training_pairs()
     rng.shuffle(trained_pairs)
     clip = _clip_scorer(pipe)
-    report = {"checkpoint": str(pipe.model_path), "sampling": _sampling(opts) | {"defaults": "pipeline"},
-              "bars": BARS}
+    used = pipe.sampling_settings(opts.steps, opts.guidance_scale, opts.scheduler)
+    report = {"checkpoint": str(pipe.model_path), "bars": BARS,
+              "sampling": dict(zip(("num_inference_steps", "guidance_scale", "scheduler"), used))}
     report["trained"] = txt2img_group(pipe, _prompts(rng, trained_pairs, 2 * opts.images), opts,
                                       opts.seed, clip)
     report["held_out"] = txt2img_group(pipe, _prompts(rng, sorted(HELD_OUT), opts.images), opts,
@@ -230,6 +231,8 @@ def passed(report: dict) -> dict[str, bool]:
 
 def format_report(report: dict) -> str:
     lines = [f"model: {report['checkpoint']}"]
+    if "sampling" in report:
+        lines.append("sampling: " + ", ".join(f"{k} {v}" for k, v in report["sampling"].items()))
     for group in ("trained", "held_out", "img2img", "inpaint"):
         if group not in report:
             continue
