@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         if stage == "vae":
             p.add_argument("--kl-weight", type=float, default=1e-6)
             p.add_argument("--edge-weight", type=float, default=0.5)
-            p.add_argument("--pyramid-weight", type=float, default=0.0,
-                           help="L1 weight at 1/2 and 1/4 resolution (shape outlines over edge detail)")
-            p.add_argument("--shape-weight", type=float, default=0.0,
+            p.add_argument("--pyramid-weight", type=float, default=1.0,
+                           help="L1 weight at 1/2 and 1/4 resolution: shape outlines over edge "
+                                "detail (default %(default)s)")
+            p.add_argument("--shape-weight", type=float, default=10.0,
                            help="extra L1 weight on and around the shape (default %(default)s)")
             p.add_argument("--scale-images", type=int, default=2048,
                            help="renders over which the latent std is measured")

@@ -32,8 +32,8 @@ TARGET_PSNR_DB = 30.0  # fresh scenes: a run seed never used for training exampl
 class VAEOptions:
     kl_weight: float = 1e-6
     edge_weight: float = 0.5
-    pyramid_weight: float = 0.0
-    shape_weight: float = 0.0
+    pyramid_weight: float = 1.0
+    shape_weight: float = 10.0
     eval_images: int = 512
     scale_images: int = 2048
 
