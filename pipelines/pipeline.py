@@ -217,8 +217,8 @@ class Pipeline:
     def _generate(self, mode: str, prompt, *, image=None, mask=None, strength: float = 1.0,
                   mask_blur: int = 0, negative_prompt="", num_inference_steps: int | None = None,
                   guidance_scale: float | None = None, scheduler: str | None = None,
-                  seed: int | None = None, generator=None, height: int | None = None, width: int | None = None,
-                  num_images: int = 1, eta: float = 0.0, clip_skip: int = 0,
+                  seed: int | None = None, generator=None, height: int | None = None,
+                  width: int | None = None, num_images: int = 1, eta: float = 0.0, clip_skip: int = 0,
                   guidance_rescale: float = 0.0, callback=None, progress: bool = True,
                   output_type: str = "pil", return_latents: bool = False) -> GenerationResult:
         """The shared flow of the three entry points. Keyword arguments:
