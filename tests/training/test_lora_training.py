@@ -324,15 +324,13 @@ def test_two_processes_through_accelerate_launch(files, tmp_path):
 def test_lora_teaches_the_default_model_a_ring(tmp_path):
     """benchmarks/lora_concept.py: ≤ 40 rendered rings, ≤ 10 minutes of CPU training; then most
     ring prompts (unseen colours included) draw rings, old shapes stay right, scale 0 is exact."""
-    import argparse
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("lora_concept", ROOT / "benchmarks" / "lora_concept.py")
     concept = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(concept)
-    figures = concept.run(argparse.Namespace(checkpoint=None, images=40, prior_images=40, steps=800,
-                                             samples=100, threads=torch.get_num_threads() or 2,
-                                             workdir=tmp_path))
+    figures = concept.run(concept.parse_args(["--workdir", str(tmp_path),
+                                              "--threads", str(torch.get_num_threads() or 2)]))
     assert figures["rings_before"] <= 0.05, figures
     assert figures["scale0_bit_identical"], figures
     assert figures["rings_after"] >= 0.80, figures
