@@ -36,6 +36,7 @@ Prints one line per figure and writes them as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -223,8 +224,8 @@ def run(args) -> dict:
     figures.update(images=args.images, prior_images=prior, prior_shapes=" ".join(prior_shapes),
                    prior_loss_weight=prior_weight,
                    steps=args.steps, samples=args.samples, ring_size=ring_size,
-                   sampling=dict(zip(("steps", "guidance_scale", "scheduler"), pipe.sampling_settings(
-                       guidance_scale=args.guidance_scale))),
+                   sampling=dataclasses.asdict(pipe.sampling_settings(
+                       guidance_scale=args.guidance_scale)),
                    training=" ".join(settings))
     figures["passed"] = (figures["rings_before"] <= 0.05 and figures["rings_after"] >= 0.80
                          and figures["old_shapes_after"] >= 0.85 and figures["scale0_bit_identical"]

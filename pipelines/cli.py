@@ -132,7 +132,7 @@ def _generate(args) -> int:
     # 2. the model (the file's hash for the PNG metadata is computed once, on first use)
     pipe = _load_pipeline(args)
     run = getattr(pipe, args.command)
-    steps, _, _ = pipe.sampling_settings(args.steps)
+    steps = pipe.sampling_settings(args.steps).num_inference_steps
     if "strength" in extra and int(steps * args.strength) == 0:
         # diffusers' img2img rule: only the last int(steps * strength) timesteps run
         _note(args, f"--steps {steps} with --strength {args.strength:g} runs no denoising step; "

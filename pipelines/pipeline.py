@@ -14,6 +14,7 @@ and a diffusers pipeline given that generator, on any device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -186,12 +187,12 @@ class Pipeline:
             out["Lora scales"] = ", ".join(f"{a['name']}: {a['scale']:g}" for a in used)
         return out
 
-    def sampling_settings(self, steps=None, guidance_scale=None, scheduler=None) -> tuple:
-        """(steps, guidance scale, scheduler): the given ones, the rest from the model's defaults."""
-        d = self.model.config.sampling
-        return (d.num_inference_steps if steps is None else steps,
-                d.guidance_scale if guidance_scale is None else guidance_scale,
-                d.scheduler if scheduler is None else scheduler)
+    def sampling_settings(self, steps=None, guidance_scale=None, scheduler=None):
+        """The given settings, the unset ones from the model config's defaults
+        (an ``ldm.config.SamplingDefaults``)."""
+        given = dict(num_inference_steps=steps, guidance_scale=guidance_scale, scheduler=scheduler)
+        return dataclasses.replace(self.model.config.sampling,
+                                   **{k: v for k, v in given.items() if v is not None})
 
     # ------------------------------------------------------------------ entry points
     def txt2img(self, prompt, **kwargs) -> GenerationResult:
@@ -243,8 +244,9 @@ class Pipeline:
         model, cfg = self.model, self.model.config
 
         # 1. check inputs (everything, before any work)
-        num_inference_steps, guidance_scale, scheduler = self.sampling_settings(
-            num_inference_steps, guidance_scale, scheduler)
+        used = self.sampling_settings(num_inference_steps, guidance_scale, scheduler)
+        num_inference_steps, guidance_scale, scheduler = (
+            used.num_inference_steps, used.guidance_scale, used.scheduler)
         prompts = _as_prompts(prompt, "prompt")
         negatives = _as_prompts(negative_prompt, "negative_prompt")
         if len(negatives) == 1:

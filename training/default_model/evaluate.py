@@ -14,6 +14,7 @@ pipeline's default sampler settings unless told otherwise:
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import subprocess
@@ -196,8 +197,7 @@ def run(opts: EvalOptions, out_dir: Path) -> dict:
     rng.shuffle(trained_pairs)
     clip = _clip_scorer(pipe)
     used = pipe.sampling_settings(opts.steps, opts.guidance_scale, opts.scheduler)
-    report = {"checkpoint": str(pipe.model_path), "bars": BARS,
-              "sampling": dict(zip(("num_inference_steps", "guidance_scale", "scheduler"), used))}
+    report = {"checkpoint": str(pipe.model_path), "bars": BARS, "sampling": dataclasses.asdict(used)}
     report["trained"] = txt2img_group(pipe, _prompts(rng, trained_pairs, 2 * opts.images), opts,
                                       opts.seed, clip)
     report["held_out"] = txt2img_group(pipe, _prompts(rng, sorted(HELD_OUT), opts.images), opts,
