@@ -2,8 +2,10 @@
 assembled file is a CompVis-layout checkpoint of the shipped config."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -32,7 +34,10 @@ def run_dir(tmp_path_factory) -> Path:
     """One smoke run of the three training stages, shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("recipe")
     config = out / "tiny-shapes.yaml"
-    shutil.copy(common.CONFIG_PATH, config)
+    # the model conditions on the first block of the tower the clip stage trains (3 blocks)
+    text, count = re.subn(r"(?m)^(\s+layers:\s*)\d+", r"\g<1>1", common.CONFIG_PATH.read_text())
+    assert count == 1
+    config.write_text(text)
     vae.run(_settings(out, config), vae.VAEOptions(eval_images=4, scale_images=8))
     clip.run(_settings(out, config), clip.CLIPOptions(eval_images=4))
     unet.run(_settings(out, config), unet.UNetOptions(latents=6))
@@ -81,12 +86,23 @@ def test_assembled_checkpoint_loads_into_the_shipped_config(run_dir, tmp_path):
     trained_unet = load_file(str(run_dir / "unet" / "unet.safetensors"))
     key = "out.2.weight"
     assert torch.allclose(model.unet.state_dict()[key], trained_unet[key].half().float())
+    # the model keeps the tower's first block; the image-tower file carries the other two, so the
+    # CLIP score is the trained tower's
+    assert cfg.text.layers == 1
+    assert not any(".encoder.layers.1." in k for k in state)
     image_tower = load_file(str(tmp_path / "tiny-shapes-clip-image.safetensors"))
-    scorer = clip.load_clip(model.cond_stage_model, tmp_path / "tiny-shapes-clip-image.safetensors")
     assert "visual.head.3.weight" in image_tower and "logit_scale" in image_tower
-    images = torch.zeros(2, 3, 64, 64)
-    scores = clip.clip_score(scorer, images, ["a red circle", "a blue square"])
-    assert scores.shape == (2,) and bool(torch.isfinite(scores).all())
+    assert "text.transformer.text_model.encoder.layers.2.mlp.fc2.weight" in image_tower
+    scorer = clip.load_clip(model.cond_stage_model, tmp_path / "tiny-shapes-clip-image.safetensors")
+    trained = clip.ShapesCLIP(dataclasses.replace(cfg.text, layers=3))
+    trained.text.load_state_dict(load_file(str(run_dir / "clip" / "text_encoder.safetensors")))
+    trained.load_state_dict(load_file(str(run_dir / "clip" / "clip-image.safetensors")), strict=False)
+    images, _ = vae.render_batch(0, 0, 2)
+    captions = ["a red circle", "a small blue square on the left on a red background"]
+    scores = clip.clip_score(scorer, images, captions)
+    expected = clip.clip_score(trained.eval(), images, captions)
+    assert torch.allclose(scores, expected, atol=0.5), (scores, expected)  # fp16 weights
+    assert not torch.allclose(scores, clip.clip_score(trained, images, captions[::-1]), atol=0.5)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -216,6 +232,34 @@ def test_text_pooling_is_the_end_of_text_state_and_ignores_padding():
         eot = (tokens == clip.EOT).int().argmax(1)
         full = torch.nn.functional.normalize(model.text_projection(hidden[torch.arange(2), eot]), dim=-1)
     assert torch.allclose(pooled, full, atol=1e-5)
+
+
+def test_first_blocks_are_the_tower_with_clip_skip():
+    """A text encoder of the first block of a trained 3-block tower computes what transformers'
+    CLIPTextModel gives with CLIP skip 2 (hidden state after block 1, then the final layer norm, as
+    diffusers' ``clip_skip`` does)."""
+    cfg = dataclasses.replace(load_config(common.CONFIG_PATH).text, layers=3)
+    torch.manual_seed(0)
+    tower = clip.FrozenCLIPEmbedder(cfg).eval()
+    shallow = clip.FrozenCLIPEmbedder(dataclasses.replace(cfg, layers=1)).eval()
+    shallow.load_state_dict(clip.first_blocks(tower.state_dict(), 1))  # strict: no key left over
+    tokens = clip.tokenize(cfg, ["a orange circle on a blue background"])
+    hf = tower.transformer.text_model
+    with torch.no_grad():
+        hidden = hf(input_ids=tokens, output_hidden_states=True).hidden_states
+        expected = hf.final_layer_norm(hidden[1])
+        assert torch.allclose(shallow(tokens), expected, atol=1e-5)
+        assert not torch.allclose(shallow(tokens), tower(tokens), atol=1e-2)
+    assert clip.tail_blocks(tower.state_dict(), 1).keys() == {
+        f"text.{k}" for k in tower.state_dict() if ".encoder.layers.1." in k or ".encoder.layers.2." in k}
+
+
+def test_clip_stage_needs_at_least_the_conditioning_blocks(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(re.sub(r"(?m)^(\s+layers:\s*)\d+", r"\g<1>2", common.CONFIG_PATH.read_text()))
+    assert main(["clip", "--out", str(tmp_path), "--config", str(config), "--steps", "1",
+                 "--text-layers", "1", "--quiet"]) == 2
+    assert "conditions on 2 blocks" in capsys.readouterr().err
 
 
 def test_unet_starts_with_a_zero_prediction():

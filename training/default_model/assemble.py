@@ -1,7 +1,8 @@
 """Stage 4: put the three trained parts into one ``LatentDiffusion`` and ship it.
 
 Writes ``weights/tiny-shapes.safetensors`` (single file, fp16, CompVis keys), the CLIP image tower
-``weights/tiny-shapes-clip-image.safetensors`` for CLIP scores, and the measured ``scale_factor``
+``weights/tiny-shapes-clip-image.safetensors`` for CLIP scores (with the text tower's blocks that the
+model's shallower text encoder leaves out), and the measured ``scale_factor``
 into ``configs/tiny-shapes.yaml``.
 """
 from __future__ import annotations
@@ -67,6 +68,8 @@ def run(settings: Settings, opts: AssembleOptions | None = None) -> dict:
         raise RecipeError(f"{path}: {size / 2 ** 20:.1f} MiB, over the {MAX_BYTES / 2 ** 20:.0f} MiB budget")
     image_tower = load_weights(require(settings.out / clip_stage.STAGE / "clip-image.safetensors",
                                        clip_stage.STAGE))
+    tower = load_weights(settings.out / clip_stage.STAGE / "text_encoder.safetensors")
+    image_tower.update(clip_stage.tail_blocks(tower, model.cond_stage_model.config.layers))
     save_weights({k: v.to(torch.float16) for k, v in image_tower.items()},
                  opts.weights_dir / "tiny-shapes-clip-image.safetensors")
     set_scale_factor(opts.write_config or settings.config, scale_factor)

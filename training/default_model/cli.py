@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="renders over which the latent std is measured")
         if stage in ("vae", "clip"):
             p.add_argument("--eval-images", type=int, default=512, help="fresh renders for evaluation")
+        if stage == "clip":
+            p.add_argument("--text-layers", type=int, default=3,
+                           help="blocks the text tower is trained with; the config's layers (the "
+                                "first ones) condition the UNet (default %(default)s)")
         if stage == "unet":
             p.add_argument("--latents", type=int, default=30000, help="scenes encoded once")
             p.add_argument("--caption-dropout", type=float, default=0.1)
@@ -137,7 +141,7 @@ def _run_stage(stage: str, args) -> None:
                                          shape_weight=args.shape_weight, eval_images=args.eval_images,
                                          scale_images=args.scale_images))
     elif stage == "clip":
-        clip.run(settings, clip.CLIPOptions(eval_images=args.eval_images))
+        clip.run(settings, clip.CLIPOptions(eval_images=args.eval_images, text_layers=args.text_layers))
     elif stage == "unet":
         unet.run(settings, unet.UNetOptions(latents=args.latents, caption_dropout=args.caption_dropout,
                                             ema_decay=args.ema_decay))

@@ -8,8 +8,10 @@ other's images. The image tower, projection and temperature are kept for a CLIP 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +23,8 @@ from ldm.modules.text import EOT, FrozenCLIPEmbedder, tokenize
 from pipelines.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Caption, ShapeSpec, training_caption
 
 from ..shapes_data import ShapeImages, render_batch
-from .common import Settings, load_weights, make_accelerator, model_config, require, save_weights, \
-    train, write_json
+from .common import RecipeError, Settings, load_weights, make_accelerator, model_config, require, \
+    save_weights, train, write_json
 
 STAGE = "clip"
 DEFAULTS = dict(steps=2000, batch_size=128, lr=5e-4, warmup=200, save_every=500, weight_decay=0.01)
@@ -91,6 +93,9 @@ def contrastive_loss(logits: torch.Tensor, captions: list[str]) -> torch.Tensor:
 @dataclass
 class CLIPOptions:
     eval_images: int = 512
+    # blocks the text tower is trained with; the model config's ``layers`` are how many of them
+    # condition the UNet (the first ones), so the two may differ
+    text_layers: int = 3
 
 
 def _alternatives(spec: ShapeSpec, attribute: str) -> list[Caption]:
@@ -144,7 +149,11 @@ def retrieval_accuracy(model: ShapesCLIP, count: int, seed: int) -> float:
 def run(settings: Settings, opts: CLIPOptions | None = None) -> dict:
     opts = opts or CLIPOptions()
     settings.check()
-    cfg = model_config(settings).text
+    conditioning = model_config(settings).text
+    if opts.text_layers < conditioning.layers:
+        raise RecipeError(f"--text-layers {opts.text_layers}: the model config conditions on "
+                          f"{conditioning.layers} blocks, so the tower needs at least that many")
+    cfg = dataclasses.replace(conditioning, layers=opts.text_layers)
     accelerator = make_accelerator(settings)
     from accelerate.utils import set_seed
 
@@ -179,22 +188,46 @@ def run(settings: Settings, opts: CLIPOptions | None = None) -> dict:
 
 def load_text_encoder(settings: Settings) -> FrozenCLIPEmbedder:
     """The stage's trained text tower, frozen (for the UNet and assemble stages)."""
-    encoder = FrozenCLIPEmbedder(model_config(settings).text)
+    cfg = model_config(settings).text
+    encoder = FrozenCLIPEmbedder(cfg)
     path = require(settings.out / STAGE / "text_encoder.safetensors", STAGE)
-    encoder.load_state_dict(load_weights(path))
+    encoder.load_state_dict(first_blocks(load_weights(path), cfg.layers))
     return encoder.eval().requires_grad_(False)
+
+
+_BLOCK_RE = re.compile(r"\.encoder\.layers\.(\d+)\.")
+
+
+def first_blocks(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """A trained tower's weights without its blocks from ``layers`` on: the shallower encoder that
+    conditions the model (what A1111 calls CLIP skip), with the tower's final layer norm."""
+    return {k: v for k, v in state.items()
+            if not ((m := _BLOCK_RE.search(k)) and int(m.group(1)) >= layers)}
+
+
+def tail_blocks(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """The trained tower's blocks from ``layers`` on, under ShapesCLIP's ``text.`` prefix: what the
+    image-tower file must add when the shipped text encoder keeps only the first ``layers``."""
+    return {f"text.{k}": v for k, v in state.items()
+            if (m := _BLOCK_RE.search(k)) and int(m.group(1)) >= layers}
 
 
 def load_clip(text_encoder: nn.Module, image_tower_path) -> ShapesCLIP:
     """A scoring CLIP from a text encoder (e.g. a model's ``cond_stage_model``) and the image-tower
-    file written by this stage (``weights/tiny-shapes-clip-image.safetensors`` once assembled)."""
-    model = ShapesCLIP(text_encoder.config)
-    model.text = text_encoder
+    file written by this stage (``weights/tiny-shapes-clip-image.safetensors`` once assembled). When
+    the text encoder is the first blocks of the trained tower, the file carries the later ones."""
     state = {k: v.float() for k, v in load_weights(image_tower_path).items()}
-    missing = set(model.image_tower_state()) ^ set(state)
+    tail = {k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")}
+    extra = len({int(_BLOCK_RE.search(k).group(1)) for k in tail})
+    cfg = dataclasses.replace(text_encoder.config, layers=text_encoder.config.layers + extra)
+    model = ShapesCLIP(cfg)
+    image = {k: v for k, v in state.items() if not k.startswith("text.")}
+    missing = set(model.image_tower_state()) ^ set(image)
     if missing:
         raise ValueError(f"{image_tower_path}: not a shapes CLIP image tower (keys {sorted(missing)[:3]})")
-    model.load_state_dict(state, strict=False)
+    text = {k: v.float() for k, v in text_encoder.state_dict().items()}
+    model.text.load_state_dict({**text, **tail})
+    model.load_state_dict(image, strict=False)
     return model.eval().requires_grad_(False)
 
 
