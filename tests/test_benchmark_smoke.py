@@ -22,3 +22,16 @@ def test_pipeline_speed_quick_mode(tmp_path):
     assert saved["results"][0]["steps"] == 2
     table = (tmp_path / "pipeline_speed-cpu-quick.md").read_text()
     assert "| default (" in table and "ours / diffusers" in table
+
+
+def test_text_composition_reads_the_shipped_tower(tmp_path):
+    """The default model conditions on the first of its tower's three blocks because that block
+    still tells an unseen "orange circle" from the shapes orange was trained on; the last does not."""
+    from benchmarks.text_composition import main
+
+    assert main(["--train", "600", "--held-out", "40", "--json", str(tmp_path / "t.json")]) == 0
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["blocks"] == 3 and report["conditioning_blocks"] == 1
+    first, last = report["after_block_1"], report["after_block_3"]
+    assert first["orange circle"] >= 0.8 > last["orange circle"], (first, last)
+    assert first["held_out"] > last["held_out"]

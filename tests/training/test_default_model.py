@@ -236,8 +236,8 @@ def test_text_pooling_is_the_end_of_text_state_and_ignores_padding():
 
 def test_first_blocks_are_the_tower_with_clip_skip():
     """A text encoder of the first block of a trained 3-block tower computes what transformers'
-    CLIPTextModel gives with CLIP skip 2 (hidden state after block 1, then the final layer norm, as
-    diffusers' ``clip_skip`` does)."""
+    CLIPTextModel gives two blocks from the end (hidden state after block 1, then the final layer
+    norm: diffusers' ``clip_skip=2``, A1111's CLIP skip 3)."""
     cfg = dataclasses.replace(load_config(common.CONFIG_PATH).text, layers=3)
     torch.manual_seed(0)
     tower = clip.FrozenCLIPEmbedder(cfg).eval()
