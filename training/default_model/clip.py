@@ -198,18 +198,22 @@ def load_text_encoder(settings: Settings) -> FrozenCLIPEmbedder:
 _BLOCK_RE = re.compile(r"\.encoder\.layers\.(\d+)\.")
 
 
+def _block(key: str) -> int | None:
+    """Index of the transformer block a text-tower weight belongs to (None: embeddings, final norm)."""
+    match = _BLOCK_RE.search(key)
+    return int(match.group(1)) if match else None
+
+
 def first_blocks(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
     """A trained tower's weights without its blocks from ``layers`` on: the shallower encoder that
     conditions the model (what A1111 calls CLIP skip), with the tower's final layer norm."""
-    return {k: v for k, v in state.items()
-            if not ((m := _BLOCK_RE.search(k)) and int(m.group(1)) >= layers)}
+    return {k: v for k, v in state.items() if (b := _block(k)) is None or b < layers}
 
 
 def tail_blocks(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
     """The trained tower's blocks from ``layers`` on, under ShapesCLIP's ``text.`` prefix: what the
     image-tower file must add when the shipped text encoder keeps only the first ``layers``."""
-    return {f"text.{k}": v for k, v in state.items()
-            if (m := _BLOCK_RE.search(k)) and int(m.group(1)) >= layers}
+    return {f"text.{k}": v for k, v in state.items() if (b := _block(k)) is not None and b >= layers}
 
 
 def load_clip(text_encoder: nn.Module, image_tower_path) -> ShapesCLIP:
@@ -218,7 +222,9 @@ def load_clip(text_encoder: nn.Module, image_tower_path) -> ShapesCLIP:
     the text encoder is the first blocks of the trained tower, the file carries the later ones."""
     state = {k: v.float() for k, v in load_weights(image_tower_path).items()}
     tail = {k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")}
-    extra = len({int(_BLOCK_RE.search(k).group(1)) for k in tail})
+    if any(_block(k) is None for k in tail):
+        raise ValueError(f"{image_tower_path}: text weights other than transformer blocks")
+    extra = len({_block(k) for k in tail})
     cfg = dataclasses.replace(text_encoder.config, layers=text_encoder.config.layers + extra)
     model = ShapesCLIP(cfg)
     image = {k: v for k, v in state.items() if not k.startswith("text.")}
