@@ -6,7 +6,7 @@ LoRA trained by ``ldm train-lora`` on the CPU, and measure what a user would see
                                       [--prior-loss-weight 1.0]
                                       [--targets attention ff proj text-attention text-mlp]
                                       [--learning-rate 1e-3] [--ring-size large|small|any]
-                                      [--steps 1600] [--guidance-scale G] [--seed 0] [--samples 100]
+                                      [--steps 2400] [--guidance-scale G] [--seed 0] [--samples 100]
                                       [--workdir /tmp/ldm-lora-concept]
                                       [--json benchmarks/out/lora_concept.json]
 
@@ -248,7 +248,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=1e-3, help="LoRA learning rate (default 1e-3)")
     p.add_argument("--ring-size", choices=("large", "small", "any"), default="large",
                    help="size of the training rings (default large)")
-    p.add_argument("--steps", type=int, default=1600, help="training steps (default 1600)")
+    p.add_argument("--steps", type=int, default=2400, help="training steps (default 2400)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="sampling guidance (default: the base model's)")
     p.add_argument("--samples", type=int, default=100, help="images per evaluation (default 100)")
