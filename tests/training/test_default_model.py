@@ -22,6 +22,14 @@ from training.default_model.common import RecipeError, Settings
 SMOKE = dict(steps=2, batch_size=2, warmup=1, save_every=1, quiet=True, cpu=True)
 
 
+def _config_with_text_layers(path: Path, layers: int) -> Path:
+    """A copy of the shipped config whose text encoder keeps ``layers`` blocks."""
+    text, count = re.subn(r"(?m)^(\s+layers:\s*)\d+", rf"\g<1>{layers}", common.CONFIG_PATH.read_text())
+    assert count == 1
+    path.write_text(text)
+    return path
+
+
 def _settings(out: Path, config: Path | None = None, **changes) -> Settings:
     fields = dict(SMOKE, out=out, **changes)
     if config is not None:
@@ -33,11 +41,8 @@ def _settings(out: Path, config: Path | None = None, **changes) -> Settings:
 def run_dir(tmp_path_factory) -> Path:
     """One smoke run of the three training stages, shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("recipe")
-    config = out / "tiny-shapes.yaml"
     # the model conditions on the first block of the tower the clip stage trains (3 blocks)
-    text, count = re.subn(r"(?m)^(\s+layers:\s*)\d+", r"\g<1>1", common.CONFIG_PATH.read_text())
-    assert count == 1
-    config.write_text(text)
+    config = _config_with_text_layers(out / "tiny-shapes.yaml", 1)
     vae.run(_settings(out, config), vae.VAEOptions(eval_images=4, scale_images=8))
     clip.run(_settings(out, config), clip.CLIPOptions(eval_images=4))
     unet.run(_settings(out, config), unet.UNetOptions(latents=6))
@@ -255,8 +260,7 @@ def test_first_blocks_are_the_tower_with_clip_skip():
 
 
 def test_clip_stage_needs_at_least_the_conditioning_blocks(tmp_path, capsys):
-    config = tmp_path / "c.yaml"
-    config.write_text(re.sub(r"(?m)^(\s+layers:\s*)\d+", r"\g<1>2", common.CONFIG_PATH.read_text()))
+    config = _config_with_text_layers(tmp_path / "c.yaml", 2)
     assert main(["clip", "--out", str(tmp_path), "--config", str(config), "--steps", "1",
                  "--text-layers", "1", "--quiet"]) == 2
     assert "conditions on 2 blocks" in capsys.readouterr().err
