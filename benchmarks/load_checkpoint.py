@@ -1,7 +1,7 @@
 """Load benchmark: ``ldm.checkpoint.load_model`` against diffusers'
 ``StableDiffusionPipeline.from_single_file`` on a full-size SD1.5-shaped fp16 safetensors file.
 
-    python benchmarks/load_checkpoint.py [--workdir /tmp/ldm-bench] [--runs 3] [--out benchmarks/out]
+    python -m benchmarks.load_checkpoint [--workdir /tmp/ldm-bench] [--runs 3] [--out benchmarks/out]
                                          [--dtype fp16|fp32]
 
 The checkpoint (random weights, ~2.1 GB) and an offline diffusers config folder are written to the
@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 CONFIG = "v1-inference"
 CHECKPOINT_NAME = "sd15-random-fp16.safetensors"
@@ -200,10 +198,10 @@ def _child(args) -> None:
 
 
 def _spawn(which: str, checkpoint: Path, folder: Path, dtype: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", which, "--checkpoint",
+    cmd = [sys.executable, "-m", "benchmarks.load_checkpoint", "--child", which, "--checkpoint",
            str(checkpoint), "--folder", str(folder), "--dtype", dtype]
     t0 = time.time()
-    proc = subprocess.run(cmd + ["--t0", repr(t0)], capture_output=True, text=True)
+    proc = subprocess.run(cmd + ["--t0", repr(t0)], capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{which} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

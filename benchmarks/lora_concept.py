@@ -1,7 +1,7 @@
 """Concept benchmark: teach the shipped default model a shape it has never seen (a ``ring``) with a
 LoRA trained by ``ldm train-lora`` on the CPU, and measure what a user would see.
 
-    python benchmarks/lora_concept.py [--checkpoint PATH] [--images 40] [--prior-images 120]
+    python -m benchmarks.lora_concept [--checkpoint PATH] [--images 40] [--prior-images 120]
                                       [--prior-shapes circle square triangle]
                                       [--prior-loss-weight 1.0]
                                       [--targets attention ff proj text-attention text-mlp]
@@ -44,8 +44,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 TRAIN_COLOURS = ("red", "green", "blue", "yellow", "white", "black")
 UNSEEN_COLOURS = ("purple", "orange")

@@ -1,10 +1,10 @@
 """Speed benchmark: our Pipeline against diffusers' StableDiffusionPipeline, in one process, on the
 same random weights (see benchmarks/speed_models.py), the same scheduler and settings.
 
-    python benchmarks/pipeline_speed.py                       # CUDA if present, else the CPU plan
-    python benchmarks/pipeline_speed.py --device cpu --structures default,sd1-small --threads 1
-    python benchmarks/pipeline_speed.py --device cuda --dtypes fp16,bf16 --batches 1,4,16 --compile
-    python benchmarks/pipeline_speed.py --quick               # seconds: the smoke test's run
+    python -m benchmarks.pipeline_speed                       # CUDA if present, else the CPU plan
+    python -m benchmarks.pipeline_speed --device cpu --structures default,sd1-small --threads 1
+    python -m benchmarks.pipeline_speed --device cuda --dtypes fp16,bf16 --batches 1,4,16 --compile
+    python -m benchmarks.pipeline_speed --quick               # seconds: the smoke test's run
 
 Per (structure, dtype, batch): UNet step latency (the CFG batch of 2·batch; CUDA events on a GPU,
 warm-up excluded), end-to-end seconds per image and images/s for ``--steps`` steps, denoising
@@ -21,13 +21,10 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 

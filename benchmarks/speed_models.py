@@ -104,7 +104,7 @@ def diffusers_pipeline(model, s: Structure, scheduler, device: torch.device, dty
     """A diffusers StableDiffusionPipeline holding ``model``'s weights (converted by diffusers'
     converters), in its default configuration: SDPA attention processors, no safety checker,
     progress bar off."""
-    from tests import diffusers_pipes
+    from reference import pipelines as diffusers_pipes
 
     parts = diffusers_pipes.components(model, _diffusers_tree(s.tree))
     pipe = diffusers_pipes.pipeline("txt2img", parts, scheduler)

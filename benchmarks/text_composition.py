@@ -1,7 +1,7 @@
 """How well each block of the default model's CLIP text tower keeps a caption's shape word apart from
 its colour word, for colour–shape pairs the tower never saw together.
 
-    python benchmarks/text_composition.py [--train 3000] [--held-out 400] [--json PATH]
+    python -m benchmarks.text_composition [--train 3000] [--held-out 400] [--json PATH]
 
 The shipped model conditions on the first block of the 3-block tower its recipe trains; the other
 two blocks travel in ``weights/tiny-shapes-clip-image.safetensors`` (for CLIP scores), so the whole
@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def end_of_text_states(encoder, captions: list[str], clip_skip: int) -> torch.Tensor:

@@ -39,6 +39,13 @@ class Prediction:
         return (x_t - s * out) / a if self.kind == "eps" else a * x_t - s * out
 
 
+def posterior_latents(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor,
+                      scale_factor: float) -> torch.Tensor:
+    """A sample of the autoencoder's posterior N(mean, std²) in SD's scaled latent space:
+    (mean + std·eps)·scale_factor (Rombach et al. 2022, §4.3.2: unit-variance latents)."""
+    return (mean + std * eps) * scale_factor
+
+
 class DiffusionWrapper(nn.Module):
     """Holds the UNet under ``diffusion_model`` and concatenates inpainting inputs ("hybrid")."""
 
@@ -122,6 +129,11 @@ class LatentDiffusion(nn.Module):
 
         ``context`` may hold k × as many rows as ``x_t``: the batch is then evaluated under each of
         the k conditionings (classifier-free guidance's [uncond, cond] with k = 2), as if ``x_t``,
-        ``t`` and ``concat`` were repeated k times, and the layers before the UNet's first
-        cross-attention run once for all k."""
+        ``t`` and ``concat`` were repeated k times; with the speed option ``shared_cfg_prefix``
+        the layers before the UNet's first cross-attention run once for all k."""
+        copies = context.shape[0] // x_t.shape[0] if x_t.shape[0] else 1
+        if copies > 1 and not getattr(getattr(self, "speed", None), "shared_cfg_prefix", True):
+            x_t = torch.cat([x_t] * copies)
+            t = torch.cat([t] * copies) if t.dim() else t
+            concat = None if concat is None else torch.cat([concat] * copies)
         return self.model(x_t, t, context, concat)

@@ -230,14 +230,25 @@ def _sdpa_backends(name: str):
             "cudnn": [SDPBackend.CUDNN_ATTENTION], "math": [SDPBackend.MATH]}[name]
 
 
+class SamplingRun:
+    """What a sampling loop calls once per step (inside :func:`sampling_scope`)."""
+
+    def __init__(self, cuda_graph_steps: bool = False):
+        self.cuda_graph_steps = cuda_graph_steps
+
+    def begin_step(self) -> None:
+        if self.cuda_graph_steps:  # inductor's CUDA graphs reuse output memory from step to step
+            torch.compiler.cudagraph_mark_step_begin()
+
+
 @contextlib.contextmanager
 def sampling_scope(model: nn.Module):
     """Around one sampling run (many UNet calls on the same conditioning): the SDPA kernel choice
-    and, in eager mode, the per-run cache of the text keys/values."""
+    and, in eager mode, the per-run cache of the text keys/values. Yields a :class:`SamplingRun`."""
     unet = getattr(getattr(model, "model", None), "diffusion_model", None)
     with contextlib.ExitStack() as stack:
         if unet is None:  # not a LatentDiffusion: nothing to switch
-            yield
+            yield SamplingRun()
             return
         kernel = getattr(unet, "sdpa_kernel", None)
         if kernel is not None:
@@ -259,8 +270,9 @@ def sampling_scope(model: nn.Module):
         graphed = unet.graphed
         if graphed is not None:
             graphed.begin_run()
+        speed = getattr(model, "speed", None)
         try:
-            yield
+            yield SamplingRun(bool(speed and speed.compile and speed.cuda_graphs))
         finally:
             if graphed is not None:
                 graphed.end_run()
@@ -275,4 +287,4 @@ def _cpu_prepackable(unet: nn.Module) -> bool:
 
     p = next(unet.parameters())
     return (p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
-            and getattr(unet, "channels_last", False) and prepack_available())
+            and getattr(unet, "channels_last", False) and prepack_available(p.dtype))

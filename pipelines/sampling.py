@@ -94,27 +94,16 @@ def denoise(model, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, co
     """Run the scheduler over ``timesteps``; returns the final latents and whether ``callback``
     stopped the loop early (it is called as ``callback(i, total, latents)`` after step ``i`` of
     ``total``, counting from 0, and a return value of ``False`` stops)."""
-    # with guidance the UNet evaluates the latents under [uncond, cond]: context has twice their
-    # rows. Given the latents once, it shares the layers before its first cross-attention
-    # (SpeedOptions.shared_cfg_prefix); otherwise they are repeated here.
-    speed = getattr(model, "speed", None)
-    copies = context.shape[0] // latents.shape[0]
-    if not getattr(speed, "shared_cfg_prefix", True):
-        concat = None if concat is None else torch.cat([concat] * copies)
-    else:
-        copies = 1
-    # inductor's CUDA graphs (compile with cuda_graphs) reuse output memory from step to step
-    graph_steps = bool(speed and speed.compile and speed.cuda_graphs)
+    # with guidance the context holds [uncond, cond] rows for the latents given once; the model
+    # decides whether the layers before the first cross-attention run once or per conditioning
     dtype = context.dtype
     total = len(timesteps)
     interrupted = False
     # the speed options' sampling scope: SDPA kernel choice, text keys/values computed once per run
-    with sampling_scope(model), tqdm(total=total, disable=not progress, desc=desc, leave=False) as bar:
+    with sampling_scope(model) as run, tqdm(total=total, disable=not progress, desc=desc, leave=False) as bar:
         for i, t in enumerate(timesteps):
-            if graph_steps:
-                torch.compiler.cudagraph_mark_step_begin()
-            x = torch.cat([latents] * copies) if copies > 1 else latents
-            x = scheduler.scale_model_input(x, t).to(dtype)
+            run.begin_step()
+            x = scheduler.scale_model_input(latents, t).to(dtype)
             out = model.apply_model(x, t.expand(x.shape[0]), context, concat=concat)
             latents = scheduler.step(guidance(out), t, latents, **(extra or {}), return_dict=False)[0]
             if known is not None:

@@ -25,24 +25,24 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-_prepack_ok: bool | None = None
+_prepack_ok: dict[torch.dtype, bool] = {}
 
 
-def prepack_available() -> bool:
-    """Whether this PyTorch build has oneDNN's prepacked convolution (probed once with a real call)."""
-    global _prepack_ok
-    if _prepack_ok is None:
+def prepack_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this PyTorch build and CPU run oneDNN's prepacked convolution in ``dtype`` (probed
+    once per dtype with a real call: bf16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    if dtype not in _prepack_ok:
         try:
-            x = torch.ones(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
-            w = torch.ones(8, 8, 3, 3)
+            x = torch.ones(1, 8, 4, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.ones(8, 8, 3, 3, dtype=dtype)
             packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1,
                                                                list(x.shape))
             y = torch.ops.mkldnn._convolution_pointwise(x, packed, None, [1, 1], [1, 1], [1, 1], 1,
                                                         "none", [], "")
-            _prepack_ok = bool(torch.allclose(y, F.conv2d(x, w, padding=1)))
-        except Exception:  # no oneDNN, or the private ops changed
-            _prepack_ok = False
-    return _prepack_ok
+            _prepack_ok[dtype] = bool(torch.allclose(y.float(), F.conv2d(x, w, padding=1).float()))
+        except Exception:  # no oneDNN, no kernel for this dtype on this CPU, or the private ops changed
+            _prepack_ok[dtype] = False
+    return _prepack_ok[dtype]
 
 
 def conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

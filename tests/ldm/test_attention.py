@@ -9,9 +9,9 @@ import torch
 
 from ldm.modules import attention as attention_mod
 from ldm.modules.attention import BACKENDS, attention, resolve_backend
-from tests.reference import max_error, random_tiny_model, single_thread
+from reference.models import max_error, random_tiny_model
 
-pytestmark = pytest.mark.usefixtures(single_thread.__name__)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.autoencoder import AutoencoderKL, DiagonalGaussian
-from tests.reference import max_error, randomize_, single_thread
-from tests.tiny import tiny_config
+from reference.models import max_error, randomize_
+from reference.tiny import tiny_config
 
-pytestmark = pytest.mark.usefixtures(single_thread.__name__)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 TILE = 16  # pixels: latent tiles of 8 with the tiny VAE's factor 2, so many tiles and overlaps
 

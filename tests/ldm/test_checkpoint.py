@@ -22,8 +22,8 @@ from ldm import checkpoint as ckpt_mod
 from ldm.checkpoint import (CheckpointError, LoadInfo, file_hash, load_model, read_state_dict,
                             save_checkpoint, write_safetensors)
 from ldm.model import LatentDiffusion
-from tests.reference import diffusers_unet, diffusers_vae, randomize_
-from tests.tiny import tiny_config, tiny_tree
+from reference.models import diffusers_unet, diffusers_vae, randomize_
+from reference.tiny import tiny_config, tiny_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,9 +11,9 @@ import torch
 
 from ldm.modules.attention import attention, xformers_available
 from tests.ldm.test_parity import PROMPTS, reference_text, unet_inputs
-from tests.reference import (diffusers_unet, diffusers_vae, max_error, random_tiny_model,
+from reference.models import (diffusers_unet, diffusers_vae, max_error, random_tiny_model,
                              transformers_text_model)
-from tests.tiny import tiny_tree
+from reference.tiny import tiny_tree
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -11,7 +11,7 @@ import yaml
 from ldm.config import builtin_config
 from ldm.detect import CONTEXT_KEY, INPUT_KEY, V_PROBE_KEY, CheckpointError, Detection, detect
 from ldm.model import LatentDiffusion
-from tests.tiny import tiny_config, tiny_tree
+from reference.tiny import tiny_config, tiny_tree
 
 # diffusers' names for the same families (single_file_utils.infer_diffusers_model_type)
 DIFFUSERS_TYPE = {"sd1": "v1", "sd1-inpaint": "inpainting", "sd2": "v2", "sd2-inpaint": "inpainting_v2"}

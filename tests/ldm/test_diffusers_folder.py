@@ -18,7 +18,7 @@ from ldm.model import LatentDiffusion
 from ldm.modules.text import clip_tokenizer
 from ldm.config import parse_config
 from tests.ldm.test_diffusers_names import variant_tree
-from tests.reference import diffusers_unet, diffusers_vae, randomize_, transformers_text_model
+from reference.models import diffusers_unet, diffusers_vae, randomize_, transformers_text_model
 
 VAE_SCALE = 0.13025  # not the config's 0.18215, so reading it is checked
 

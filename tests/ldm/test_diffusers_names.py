@@ -12,8 +12,8 @@ from ldm.config import CONFIG_DIR, parse_config
 from ldm.diffusers_names import (diffusers_module_map, kohya_lora_name, text_module_map,
                                  unet_module_map, vae_module_map)
 from ldm.model import LatentDiffusion
-from tests.reference import randomize_
-from tests.tiny import tiny_tree
+from reference.models import randomize_
+from reference.tiny import tiny_tree
 
 FAMILIES = ["sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sd1-3level"]
 

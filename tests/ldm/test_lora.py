@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from ldm import lora as L
 from ldm.model import LatentDiffusion
-from tests.reference import random_tiny_model, single_thread  # noqa: F401
-from tests.tiny import tiny_tree
+from reference.models import random_tiny_model
+from reference.tiny import tiny_tree
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -190,7 +190,7 @@ def _compvis_names(model) -> dict[str, str]:
     converter (which maps CompVis checkpoint keys to diffusers keys)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from tests.reference import diffusers_unet
+    from reference.models import diffusers_unet
 
     sd = {k: torch.full(v.shape, float(i)) for i, (k, v) in enumerate(model.state_dict().items())}
     unet = diffusers_unet(tiny_tree("sd1"), sd)
@@ -228,7 +228,7 @@ def test_kohya_compvis_names_equal_their_diffusers_named_twin(model, tmp_path):
 
 def _dotted_names(model) -> dict[str, str]:
     """kohya name → diffusers dotted path, from diffusers' and transformers' own module trees."""
-    from tests.reference import diffusers_unet, transformers_text_model
+    from reference.models import diffusers_unet, transformers_text_model
 
     sd = model.state_dict()
     unet = diffusers_unet(tiny_tree("sd1"), sd)

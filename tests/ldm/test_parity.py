@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.reference import (diffusers_unet, diffusers_vae, max_error, random_tiny_model,
-                             single_thread, transformers_text_model)
-from tests.tiny import tiny_tree
+from reference.models import (diffusers_unet, diffusers_vae, max_error, random_tiny_model,
+                             transformers_text_model)
+from reference.tiny import tiny_tree
 
-pytestmark = pytest.mark.usefixtures(single_thread.__name__)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 KINDS = ("sd1", "sd2-v", "sd1-inpaint")
 TOL = 1e-4  # fp32; relative to the output's scale where that exceeds 1

@@ -17,10 +17,10 @@ from ldm.modules import attention as attention_mod
 from ldm.modules.attention import CrossAttention, attention
 from ldm.speed import SpeedOptions, apply_speed, fuse_qkv, sampling_scope
 from tests.ldm.test_parity import TOL, check_close, unet_inputs
-from tests.reference import diffusers_unet, diffusers_vae, max_error, random_tiny_model, single_thread
-from tests.tiny import tiny_tree
+from reference.models import diffusers_unet, diffusers_vae, max_error, random_tiny_model
+from reference.tiny import tiny_tree
 
-pytestmark = pytest.mark.usefixtures(single_thread.__name__)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 OFF = SpeedOptions.off()
 SWITCHES = {
@@ -268,7 +268,7 @@ def test_offload_hooks_chain_text_unet_autoencoder():
 # ------------------------------------------------------------------------------------ compile
 def _compiled_pipelines(backend: str):
     from pipelines.pipeline import Pipeline
-    from tests.diffusers_pipes import random_model
+    from reference.pipelines import random_model
 
     model = random_model("sd1")
     eager = Pipeline(copy.deepcopy(model), device="cpu")
@@ -351,7 +351,7 @@ def test_cuda_graphs_replay_new_inputs_and_recapture_on_structure_change():
 @cuda
 def test_offload_keeps_only_the_working_component_on_the_gpu():
     from pipelines.pipeline import Pipeline
-    from tests.diffusers_pipes import random_model
+    from reference.pipelines import random_model
 
     model = random_model("sd1")
     whole = Pipeline(copy.deepcopy(model), device="cuda")
@@ -369,7 +369,7 @@ def test_offload_keeps_only_the_working_component_on_the_gpu():
 def test_pipeline_gives_the_same_images_with_switches_on_and_off(kind):
     """Through the whole sampling loop (prefix sharing, caches, prepacking live per run)."""
     from pipelines.pipeline import Pipeline
-    from tests.diffusers_pipes import box_mask, random_model, sample_image
+    from reference.pipelines import box_mask, random_model, sample_image
 
     model = random_model(kind)
     on = Pipeline(copy.deepcopy(model), device="cpu")

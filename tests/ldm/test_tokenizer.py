@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldm.modules.text import EOT, SOT, tokenize
-from tests.tiny import tiny_config
+from reference.tiny import tiny_config
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",

@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
 
     from ldm.checkpoint import save_checkpoint
     from ldm.model import LatentDiffusion
-    from tests.tiny import tiny_config, tiny_tree
+    from reference.tiny import tiny_config, tiny_tree
 
     folder = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
@@ -292,7 +292,7 @@ def test_txt2img_writes_png_with_parameters(tiny, tmp_path, capsys):
 
 
 def test_sampling_defaults_come_from_the_model_config(tiny, tmp_path, capsys):
-    from tests.tiny import tiny_tree
+    from reference.tiny import tiny_tree
 
     tree = tiny_tree("sd1")
     tree["sampling"] = {"guidance_scale": 3.5, "num_inference_steps": 2, "scheduler": "euler"}

@@ -10,9 +10,8 @@ from PIL import Image
 
 from ldm import lora as L
 from pipelines.pipeline import Pipeline
-from tests import diffusers_pipes as dp
-from tests.reference import single_thread  # noqa: F401
-from tests.tiny import tiny_tree
+from reference import pipelines as diffusers_pipes as dp
+from reference.tiny import tiny_tree
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 
 import pipelines.pipeline as pipeline_module
 from pipelines.pipeline import DefaultModelMissing, GenerationResult, Pipeline, resolve_dtype
-from tests import diffusers_pipes as dp
+from reference import pipelines as diffusers_pipes as dp
 
 FAST = dict(num_inference_steps=3, guidance_scale=5.0, progress=False)
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pipelines.pipeline import Pipeline
-from tests import diffusers_pipes as dp
-from tests.tiny import tiny_tree
+from reference import pipelines as diffusers_pipes as dp
+from reference.tiny import tiny_tree
 
 SEED = 7
 STEPS = 4

@@ -8,8 +8,8 @@ from ldm.model import LatentDiffusion
 from ldm.modules.text import EOT, SOT, tokenizer_for
 from pipelines.prompts import (BREAK_MARK, Chunk, chunk_ids, encode_prompts, parse_prompt_attention,
                                tokenize_prompt)
-from tests.reference import randomize_
-from tests.tiny import tiny_config
+from reference.models import randomize_
+from reference.tiny import tiny_config
 
 R, S = 1.1, 1 / 1.1
 

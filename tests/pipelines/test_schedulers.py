@@ -7,7 +7,7 @@ import torch
 from pipelines import schedulers
 from pipelines.pipeline import Pipeline
 from pipelines.schedulers import SCHEDULERS, make_scheduler
-from tests.diffusers_pipes import random_model
+from reference.pipelines import random_model
 
 # Values Stable Diffusion's own scheduler_config.json ships (written out here, not imported).
 SD_VALUES = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,

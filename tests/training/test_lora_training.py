@@ -17,8 +17,7 @@ from safetensors.torch import load_file
 
 from pipelines.cli import main
 from pipelines.shapes import sample_spec
-from tests.reference import single_thread  # noqa: F401
-from tests.tiny import tiny_tree
+from reference.tiny import tiny_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -36,8 +35,8 @@ def fresh_accelerate():
 def _checkpoint(folder: Path, kind: str) -> Path:
     from ldm.checkpoint import save_checkpoint
     from ldm.model import LatentDiffusion
-    from tests.reference import randomize_
-    from tests.tiny import tiny_config
+    from reference.models import randomize_
+    from reference.tiny import tiny_config
 
     path = folder / f"tiny-{kind}.safetensors"
     save_checkpoint(randomize_(LatentDiffusion(tiny_config(kind)), seed=1), path)
@@ -165,8 +164,8 @@ def test_regularisation_images_are_weighted_by_the_prior_loss_weight(files, tmp_
     from types import SimpleNamespace
 
     from ldm.model import LatentDiffusion
-    from tests.reference import randomize_
-    from tests.tiny import tiny_config
+    from reference.models import randomize_
+    from reference.tiny import tiny_config
     from training.lora_loop import Denoiser, micro_batch_loss
 
     model = randomize_(LatentDiffusion(tiny_config("sd1")), seed=1).eval()

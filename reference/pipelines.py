@@ -1,6 +1,6 @@
 """diffusers Stable Diffusion pipelines assembled from one of our (random-weight) models, as the
 independent reference for pipeline parity tests. Weights go through diffusers' own converters
-(tests/reference.py); schedulers are diffusers classes configured here, written out separately
+(reference/models.py); schedulers are diffusers classes configured here, written out separately
 from pipelines/schedulers.py, with the values SD ships."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from ldm.model import LatentDiffusion
 from ldm.modules.text import clip_tokenizer
-from tests.reference import diffusers_unet, diffusers_vae, transformers_text_model
+from reference.models import diffusers_unet, diffusers_vae, transformers_text_model
 
 _SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
            beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
@@ -69,8 +69,8 @@ def random_model(kind: str = "sd1") -> LatentDiffusion:
     """A tiny model whose images depend visibly on seed, prompt and guidance: the UNet is randomised
     at unit scale (its ε output then has a standard deviation near 1 and the text conditioning moves
     it by ~10 %), so an image comparison can tell a CFG or conditioning mistake from rounding."""
-    from tests.reference import randomize_
-    from tests.tiny import tiny_config
+    from reference.models import randomize_
+    from reference.tiny import tiny_config
 
     model = randomize_(LatentDiffusion(tiny_config(kind)), seed=1)
     randomize_(model.model.diffusion_model, seed=2, scale=1.0)

@@ -2,7 +2,6 @@
 with weights converted from our state dict by diffusers' own single-file converters."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from ldm.model import LatentDiffusion
@@ -82,7 +81,7 @@ def random_tiny_model(kind: str, seed: int = 0, scale: float = 0.5) -> LatentDif
     through the network: every attention and residual path then moves the output by far more
     than a 1e-4 tolerance (swapping one attention's keys and values changes it by ~0.1).
     """
-    from tests.tiny import tiny_config
+    from reference.tiny import tiny_config
 
     return randomize_(LatentDiffusion(tiny_config(kind)), seed=seed, scale=scale).eval()
 
@@ -92,13 +91,3 @@ def max_error(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float
     ours, reference = ours.double().cpu(), reference.double().cpu()
     assert ours.shape == reference.shape, f"shape {tuple(ours.shape)} != {tuple(reference.shape)}"
     return (ours - reference).abs().max().item(), reference.abs().max().item()
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """Run a module's tiny-model forwards on one thread: for these sizes the thread pool costs more
-    than it saves, and on a busy machine its spin-waiting makes a 40 ms forward take seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
