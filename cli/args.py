@@ -1,0 +1,35 @@
+"""What every ``ldm`` command shares: the parser that reports one ``error:`` line, the two error
+types behind the exit statuses, and argparse types for numbers. Imports nothing heavy: ``ldm
+--help`` must be instant."""
+from __future__ import annotations
+
+import argparse
+
+from pipelines.validate import check_number
+
+
+class UsageError(Exception):
+    """A malformed command line (exit status 2, like argparse's own errors)."""
+
+
+class CommandError(Exception):
+    """A problem with the user's input, reported as one line (exit status 1)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse prints usage plus ``prog: error:`` and exits; we want one ``error:`` line instead."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def number(kind: type = float, low: float | None = None, high: float | None = None, *,
+           strict_low: bool = False):
+    """An argparse ``type`` for an ``int`` or ``float`` option within bounds
+    (:func:`pipelines.validate.check_number`); argparse reports "argument --x: must be ..."."""
+    def parse(text: str):
+        try:
+            return check_number(text, low=low, high=high, integer=kind is int, strict_low=strict_low)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse

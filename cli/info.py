@@ -1,0 +1,88 @@
+"""``ldm info``: an image's stored generation parameters, or a checkpoint's family and contents."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cli.args import CommandError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def add_parser(sub) -> None:
+    info = sub.add_parser("info", help="show an image's generation parameters or a checkpoint's family",
+                          description="For a PNG: print the stored generation parameters (A1111 "
+                          "text). For a checkpoint: print its detected family and contents.")
+    info.add_argument("path", metavar="PATH", help="an image written by ldm (or A1111), or a checkpoint")
+    info.add_argument("--json", action="store_true", help="print parsed fields as JSON")
+
+
+def _is_image(path: Path) -> bool:
+    if path.is_dir() or path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return False
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError):
+        return False
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _image_info(path: Path, as_json: bool) -> int:
+    from pipelines.images import parse_parameters, read_parameters
+    text = read_parameters(path)
+    if text is None:
+        raise CommandError(f"image {path}: no generation parameters stored in it "
+                           "(no 'parameters' text chunk)")
+    if as_json:
+        import json
+        print(json.dumps(parse_parameters(text), indent=2, ensure_ascii=False))
+    else:
+        print(text)
+    return 0
+
+
+def _checkpoint_info(path: Path, as_json: bool) -> int:
+    from collections import Counter
+
+    from ldm.checkpoint import CheckpointError, detect, read_state_dict
+    state = read_state_dict(path)  # not a checkpoint at all: CheckpointError, reported as the error
+    try:
+        found = detect(state, path=path)
+        family, rules = f"{found.family} (config {found.config_name})", list(found.rules)
+    except CheckpointError as exc:  # readable, but not an SD1/SD2 model: still worth describing
+        family, rules = "unknown", [str(exc)]
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state.values())
+    size = path.stat().st_size
+    fields = {"file": str(path), "family": family, "rules": rules, "keys": len(state),
+              "dtype": ", ".join(f"{d} ({c} tensors)" for d, c in dtypes.most_common()) or "none",
+              "size": size}
+    if as_json:
+        import json
+        print(json.dumps(fields, indent=2))
+        return 0
+    print(f"file:   {path}")
+    print(f"family: {family}")
+    for rule in rules:
+        print(f"  - {rule}")
+    print(f"keys:   {len(state)}")
+    print(f"dtype:  {fields['dtype']}")
+    print(f"size:   {_human_size(size)} ({size} bytes)")
+    return 0
+
+
+def run(args) -> int:
+    """Describe ``args.path``; returns the exit status."""
+    path = Path(args.path)
+    if not path.exists():
+        raise CommandError(f"{path}: no such file")
+    if _is_image(path):
+        return _image_info(path, args.json)
+    return _checkpoint_info(path, args.json)
