@@ -4,7 +4,6 @@ independent reference for pipeline parity tests. Weights go through diffusers' o
 from pipelines/schedulers.py, with the values SD ships."""
 from __future__ import annotations
 
-
 from ldm.model import LatentDiffusion
 from ldm.modules.text import clip_tokenizer
 from reference.models import diffusers_unet, diffusers_vae, transformers_text_model
