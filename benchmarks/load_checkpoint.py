@@ -33,7 +33,7 @@ def write_random_checkpoint(path, cfg, *, dtype=None, seed: int = 0) -> Path:
     meta device (shapes only) and each tensor is generated just before it is written."""
     import torch
 
-    from ldm.checkpoint import write_safetensors
+    from ldm.weights_io import write_safetensors
     from ldm.model import LatentDiffusion
 
     dtype = dtype or torch.float16
@@ -183,17 +183,13 @@ def measure_diffusers(path, folder, *, dtype=None, t0: float | None = None) -> d
 
 # ------------------------------------------------------------------------------------- driver
 
-def _dtype(name: str):
-    import torch
-
-    return {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[name]
-
-
 def _child(args) -> None:
+    from ldm.weights_io import parse_dtype  # imports torch, as either side does
+
     if args.child == "ours":
-        result = measure_ours(args.checkpoint, dtype=_dtype(args.dtype), t0=args.t0)
+        result = measure_ours(args.checkpoint, dtype=parse_dtype(args.dtype), t0=args.t0)
     else:
-        result = measure_diffusers(args.checkpoint, args.folder, dtype=_dtype(args.dtype), t0=args.t0)
+        result = measure_diffusers(args.checkpoint, args.folder, dtype=parse_dtype(args.dtype), t0=args.t0)
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -10,7 +10,7 @@ LoRA trained by ``ldm train-lora`` on the CPU, and measure what a user would see
                                       [--workdir /tmp/ldm-lora-concept]
                                       [--json benchmarks/out/lora_concept.json]
 
-1. Data: ``--images`` rings rendered by ``pipelines.shapes`` in six colours, captioned
+1. Data: ``--images`` rings rendered by ``training.shapes`` in six colours, captioned
    ``a <colour> ring on a <colour> background``; purple and orange rings are left out. Rings are
    ``large`` (30–40 px) by default: a small ring's hole (7–10 px) is about one latent pixel at f=8,
    and the autoencoders reproduce it in a minority of reconstructions (see RESULTS.md), so no LoRA
@@ -63,7 +63,7 @@ def make_data(folder: Path, count: int, seed: int = 0, prior: int = 0,
     so the LoRA learns what the word ``ring`` adds instead of drawing rings for every prompt.
     ``prior_shapes`` narrows the priors to the class the new concept is closest to (DreamBooth's
     class images: a ring is a circle with a hole)."""
-    from pipelines.shapes import sample_spec, training_caption
+    from training.shapes import sample_spec, training_caption
 
     import shutil
 
@@ -87,7 +87,7 @@ def make_data(folder: Path, count: int, seed: int = 0, prior: int = 0,
 
 
 def prompts_for(shapes, colours, count: int, seed: int) -> list[str]:
-    from pipelines.shapes import COLOURS, is_held_out
+    from training.shapes import COLOURS, is_held_out
 
     rng = random.Random(seed)
     out = []
@@ -116,7 +116,7 @@ def sample(pipe, prompts: list[str], seed: int, sampling: dict, chunk: int = 25)
 
 
 def share(images, prompts, check) -> float:
-    from pipelines.shapes import analyze, parse_caption
+    from training.shapes import analyze, parse_caption
 
     hits = [check(analyze(im), parse_caption(p)) for im, p in zip(images, prompts)]
     return sum(hits) / max(len(hits), 1)
@@ -124,7 +124,7 @@ def share(images, prompts, check) -> float:
 
 def confusion(images, prompts) -> dict[str, dict[str, int]]:
     """Asked shape → what the analyzer found, counted: where the misses go."""
-    from pipelines.shapes import analyze, parse_caption
+    from training.shapes import analyze, parse_caption
 
     out: dict[str, dict[str, int]] = {}
     for im, p in zip(images, prompts):
@@ -149,8 +149,8 @@ def reconstructed_rings(pipe, folder: Path) -> float:
     import torch
     from PIL import Image
 
-    from pipelines.shapes import analyze
-    from training.shapes_data import tensor_to_uint8
+    from training.shapes import analyze
+    from pipelines.preprocess import to_uint8
 
     vae = pipe.model.first_stage_model
     files = sorted(folder.glob("ring-*.png"))
@@ -158,15 +158,32 @@ def reconstructed_rings(pipe, folder: Path) -> float:
                           for f in files]).permute(0, 3, 1, 2) / 127.5 - 1
     param = next(vae.parameters())
     with torch.no_grad():
-        recon = tensor_to_uint8(vae.decode(vae.encode(images.to(param)).mode()))
+        recon = to_uint8(vae.decode(vae.encode(images.to(param)).mode()))
     return sum(analyze(a).shape == "ring" for a in recon) / max(len(files), 1)
+
+
+def train(args, settings: list[str], data: Path, priors: Path, lora: Path) -> float:
+    """Step 3: ``ldm train-lora`` on the rings (and priors) into ``lora``; returns the seconds."""
+    import shutil
+
+    from cli.train_lora import run as train_lora
+
+    argv = ["--data", str(data), "--output", str(lora), "--max-steps", str(args.steps),
+            "--seed", str(args.seed), "-q", *settings]
+    if args.prior_images:
+        argv += ["--reg-data", str(priors), "--prior-loss-weight", str(args.prior_loss_weight)]
+    if args.checkpoint:
+        argv += ["--checkpoint", str(args.checkpoint)]
+    shutil.rmtree(lora.with_name(f"{lora.stem}-checkpoints"), ignore_errors=True)
+    started = time.perf_counter()
+    train_lora(argv)
+    return round(time.perf_counter() - started, 1)
 
 
 def run(args) -> dict:
     import torch
 
     from pipelines.pipeline import Pipeline
-    from training.lora import run as train_lora
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
@@ -194,19 +211,7 @@ def run(args) -> dict:
                "rings_before": share(base_images, rings, is_ring),
                "old_shapes_before": share(sample(pipe, old, 5000, sampling)[0], old, right_shape)}
 
-    argv = ["--data", str(data), "--output", str(lora), "--max-steps", str(args.steps),
-            "--seed", str(args.seed), "-q", *settings]
-    if prior:
-        argv += ["--reg-data", str(priors), "--prior-loss-weight", str(prior_weight)]
-    if args.checkpoint:
-        argv += ["--checkpoint", str(args.checkpoint)]
-    if lora.with_name(f"{lora.stem}-checkpoints").exists():
-        import shutil
-
-        shutil.rmtree(lora.with_name(f"{lora.stem}-checkpoints"))
-    started = time.perf_counter()
-    train_lora(argv)
-    figures["training_seconds"] = round(time.perf_counter() - started, 1)
+    figures["training_seconds"] = train(args, settings, data, priors, lora)
 
     name = pipe.load_lora(lora, scale=0.0)
     _, zero_latents = sample(pipe, rings, 1000, sampling)

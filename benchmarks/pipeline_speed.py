@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 import torch  # noqa: E402
 
 from benchmarks.speed_models import STRUCTURES, diffusers_pipeline, our_model, structure  # noqa: E402
+from ldm.weights_io import parse_dtype  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 4k"
 NEGATIVE = "blurry, low quality"
 SCHEDULER = "dpmpp_2m"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GIB = 1 << 30
 
 
@@ -372,8 +372,10 @@ def plan(args) -> tuple[torch.device, list[str], list[str], list[int]]:
         if s not in STRUCTURES:
             raise SystemExit(f"error: unknown structure {s!r}; choose from {', '.join(STRUCTURES)}")
     for d in dtypes:
-        if d not in DTYPES:
-            raise SystemExit(f"error: unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+        try:
+            parse_dtype(d)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
     return device, structures, dtypes, batches
 
 
@@ -403,7 +405,7 @@ def main(argv=None) -> dict:
               "ablation": {}, "big": []}
     for name in structures:
         for dname in dtypes:
-            sides = Sides(name, device, DTYPES[dname], speed)
+            sides = Sides(name, device, parse_dtype(dname), speed)
             env["speed"] = str(sides.speed)
             for batch in batches:
                 size = args.size or sides.structure.size

@@ -7,7 +7,7 @@ The shipped model conditions on the first block of the 3-block tower its recipe 
 two blocks travel in ``weights/tiny-shapes-clip-image.safetensors`` (for CLIP scores), so the whole
 tower is rebuilt here. For the output after each block (with the final layer norm, as the model
 reads it), a linear classifier of the shape is fitted on the end-of-text states of training
-captions and tested on captions of the held-out pairs (:data:`pipelines.shapes.HELD_OUT`). A block
+captions and tested on captions of the held-out pairs (:data:`training.shapes.HELD_OUT`). A block
 whose held-out accuracy is low maps e.g. "orange circle" onto the shapes orange was seen with, and a
 UNet conditioned on it draws those instead.
 """
@@ -44,7 +44,7 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300)
 def run(train: int = 3000, held_out: int = 400, seed: int = 0) -> dict:
     from ldm.resources import shipped_file
     from pipelines.pipeline import Pipeline
-    from pipelines.shapes import COLOURS, HELD_OUT, SHAPES, Caption, training_example
+    from training.shapes import COLOURS, HELD_OUT, SHAPES, Caption, training_example
     from training.default_model.clip import load_clip
 
     pipe = Pipeline.from_checkpoint(None, device="cpu", dtype=torch.float32)

@@ -29,7 +29,8 @@ def number(kind: type = float, low: float | None = None, high: float | None = No
     (:func:`pipelines.validate.check_number`); argparse reports "argument --x: must be ..."."""
     def parse(text: str):
         try:
-            return check_number(text, low=low, high=high, integer=kind is int, strict_low=strict_low)
+            return check_number(text, low=low, high=high, integer=kind is int, strict_low=strict_low,
+                                from_text=True)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return parse

@@ -52,7 +52,8 @@ def _image_info(path: Path, as_json: bool) -> int:
 def _checkpoint_info(path: Path, as_json: bool) -> int:
     from collections import Counter
 
-    from ldm.checkpoint import CheckpointError, detect, read_state_dict
+    from ldm.detect import detect
+    from ldm.weights_io import CheckpointError, read_state_dict
     state = read_state_dict(path)  # not a checkpoint at all: CheckpointError, reported as the error
     try:
         found = detect(state, path=path)

@@ -15,9 +15,7 @@ from typing import Mapping
 
 import torch
 
-
-class CheckpointError(Exception):
-    """A checkpoint cannot be read or does not fit; the message is ``"<path>: <problem>"``."""
+from .weights_io import CheckpointError
 
 
 @dataclass(frozen=True)

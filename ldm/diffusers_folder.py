@@ -22,6 +22,7 @@ from .config import (AutoencoderConfig, ConfigError, ModelConfig, TextEncoderCon
                      validate)
 from .diffusers_names import text_module_map, unet_module_map, vae_module_map
 from .model import LatentDiffusion
+from .weights_io import CheckpointError, read_state_dict
 
 
 class DiffusersFolderError(ValueError):
@@ -89,32 +90,38 @@ def _channels(cfg: dict, path: Path) -> tuple[int, tuple[int, ...]]:
     return base, tuple(c // base for c in channels)
 
 
-def unet_config(cfg: dict, path: Path) -> UNetConfig:
-    """diffusers ``UNet2DConditionModel`` config → our UNet config (SD1/SD2 structure only)."""
-    for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim", "time_cond_proj_dim",
+# fields an SD1/SD2 UNet does not have, and fields it has with one value only
+_UNET_ABSENT = ("class_embed_type", "addition_embed_type", "encoder_hid_dim", "time_cond_proj_dim",
                 "num_class_embeds", "timestep_post_act", "time_embedding_act_fn",
-                "cross_attention_norm"):
+                "cross_attention_norm")
+_UNET_FIXED = (("act_fn", ("silu",)), ("norm_num_groups", (32,)), ("norm_eps", (1e-5,)),
+               ("flip_sin_to_cos", (True,)), ("freq_shift", (0,)),
+               ("time_embedding_type", ("positional",)), ("conv_in_kernel", (3,)),
+               ("conv_out_kernel", (3,)), ("resnet_time_scale_shift", ("default",)),
+               ("dual_cross_attention", (False,)), ("center_input_sample", (False,)),
+               ("mid_block_scale_factor", (1, 1.0)), ("downsample_padding", (1,)),
+               ("attention_type", ("default",)), ("resnet_skip_time_act", (False,)),
+               ("resnet_out_scale_factor", (1.0, 1)), ("class_embeddings_concat", (False,)),
+               ("mid_block_type", ("UNetMidBlock2DCrossAttn",)))
+
+
+def _check_sd_unet(cfg: dict, path: Path) -> None:
+    for key in _UNET_ABSENT:
         if cfg.get(key) is not None:
             raise _fail(path, f"{key}={cfg[key]!r} is not supported (SD1/SD2 UNets have none)")
-    for key, allowed in (("act_fn", ("silu",)), ("norm_num_groups", (32,)), ("norm_eps", (1e-5,)),
-                         ("flip_sin_to_cos", (True,)), ("freq_shift", (0,)),
-                         ("time_embedding_type", ("positional",)), ("conv_in_kernel", (3,)),
-                         ("conv_out_kernel", (3,)), ("resnet_time_scale_shift", ("default",)),
-                         ("dual_cross_attention", (False,)), ("center_input_sample", (False,)),
-                         ("mid_block_scale_factor", (1, 1.0)), ("downsample_padding", (1,)),
-                         ("attention_type", ("default",)), ("resnet_skip_time_act", (False,)),
-                         ("resnet_out_scale_factor", (1.0, 1)), ("class_embeddings_concat", (False,)),
-                         ("mid_block_type", ("UNetMidBlock2DCrossAttn",))):
+    for key, allowed in _UNET_FIXED:
         _expect(cfg, path, key, allowed)
     only_cross = cfg.get("only_cross_attention", False)
     if only_cross is True or (isinstance(only_cross, list) and any(only_cross)):
         raise _fail(path, "only_cross_attention is not supported")
     # upcast_attention (SD2.1) asks for fp32 attention scores; the SDPA kernels accumulate in fp32
 
-    mc, mult = _channels(cfg, path)
+
+def _attention_levels(cfg: dict, path: Path, levels: int) -> list[bool]:
+    """Per level, whether it has cross-attention (from the block types)."""
     down = cfg.get("down_block_types")
     up = cfg.get("up_block_types")
-    if not isinstance(down, list) or len(down) != len(mult):
+    if not isinstance(down, list) or len(down) != levels:
         raise _fail(path, f"down_block_types must list one block per block_out_channels, got {down!r}")
     attn_levels = []
     for i, kind in enumerate(down):
@@ -125,7 +132,12 @@ def unet_config(cfg: dict, path: Path) -> UNetConfig:
     if up != expected_up:
         raise _fail(path, f"up_block_types {up!r} do not mirror down_block_types (expected "
                           f"{expected_up})")
+    return attn_levels
 
+
+def _heads(cfg: dict, path: Path, mc: int, mult: tuple[int, ...], attn_levels: list[bool]
+           ) -> tuple[int, int]:
+    """(num_heads, num_head_channels) in our config's convention (-1: the other one is fixed)."""
     # diffusers' historical naming: "attention_head_dim" holds the number of heads (an int for SD1,
     # one per level for SD2); newer configs may give it as num_attention_heads.
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
@@ -138,13 +150,19 @@ def unet_config(cfg: dict, path: Path) -> UNetConfig:
     if any(ch % h for ch, h in used):
         raise _fail(path, f"attention_head_dim {heads} does not divide block_out_channels")
     if len({h for _, h in used}) == 1:
-        num_heads, head_channels = used[0][1], -1
-    elif len({ch // h for ch, h in used}) == 1:
-        num_heads, head_channels = -1, used[0][0] // used[0][1]
-    else:
-        raise _fail(path, f"attention_head_dim {heads}: neither the head count nor the head width "
-                          "is the same at every level")
+        return used[0][1], -1
+    if len({ch // h for ch, h in used}) == 1:
+        return -1, used[0][0] // used[0][1]
+    raise _fail(path, f"attention_head_dim {heads}: neither the head count nor the head width "
+                      "is the same at every level")
 
+
+def unet_config(cfg: dict, path: Path) -> UNetConfig:
+    """diffusers ``UNet2DConditionModel`` config → our UNet config (SD1/SD2 structure only)."""
+    _check_sd_unet(cfg, path)
+    mc, mult = _channels(cfg, path)
+    attn_levels = _attention_levels(cfg, path, len(mult))
+    num_heads, head_channels = _heads(cfg, path, mc, mult, attn_levels)
     in_channels = _int(cfg, path, "in_channels", 4)
     if in_channels not in (4, 9):
         raise _fail(path, f"in_channels={in_channels} is not supported (4, or 9 for inpainting)")
@@ -295,10 +313,7 @@ def weight_file(component_dir: Path, component: str, dtype: torch.dtype) -> Path
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of one weight file (or of the shards an ``.index.json`` lists). Safetensors are
-    memory-mapped without a copy; pickles load with ``weights_only=True`` (see ``ldm.checkpoint``)."""
-    from .checkpoint import read_state_dict
-    from .detect import CheckpointError
-
+    memory-mapped without a copy; pickles load with ``weights_only=True`` (see ``ldm.weights_io``)."""
     if path.name.endswith(".index.json"):
         weight_map = _read_json(path).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -336,6 +351,69 @@ def _listed(keys: list[str]) -> str:
     return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
 
 
+class _Matcher:
+    """Takes tensors from one file by diffusers name, noting what was used, missing or mis-shaped."""
+
+    def __init__(self, component: str, tensors: dict[str, torch.Tensor]):
+        self.component, self.tensors = component, tensors
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+        self.shapes: list[str] = []
+
+    def fit(self, tensor: torch.Tensor, like: torch.Tensor, key: str) -> torch.Tensor | None:
+        # 1×1 convolutions on one side may be linear layers on the other: same numbers
+        if tensor.shape == like.shape:
+            return tensor
+        if _squeeze_1x1(tensor.shape) == _squeeze_1x1(like.shape):
+            return tensor.reshape(like.shape)
+        self.shapes.append(f"{key} has shape {tuple(tensor.shape)}, the config gives {tuple(like.shape)}")
+        return None
+
+    def take(self, key: str, like: torch.Tensor | None) -> torch.Tensor | None:
+        for candidate in _candidates(self.component, key):
+            if candidate in self.tensors:
+                self.used.add(candidate)
+                t = self.tensors[candidate]
+                return t if like is None else self.fit(t, like, candidate)
+        self.missing.append(key)
+        return None
+
+    def problems(self) -> list[str]:
+        unexpected = sorted(set(self.tensors) - self.used - _IGNORED_KEYS.get(self.component, set()))
+        problems = []
+        if self.missing:
+            problems.append(f"{len(self.missing)} missing keys: {_listed(sorted(self.missing))}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys: {_listed(unexpected)}")
+        if self.shapes:
+            problems.append(f"{len(self.shapes)} shape mismatches: {_listed(self.shapes)}")
+        return problems
+
+
+def _parameter(match: _Matcher, key: str, ours: torch.Tensor, names: dict[str, str]
+               ) -> torch.Tensor | None:
+    """The file's tensor for our parameter ``key`` (shaped like ``ours``)."""
+    owner, _, pname = key.rpartition(".")
+    if owner in names and pname in ("in_proj_weight", "in_proj_bias"):
+        # OpenCLIP's fused attention input = q, k and v projections stacked
+        suffix = pname.removeprefix("in_proj_")
+        parts = [match.take(f"{names[owner]}.{p}_proj.{suffix}", None) for p in "qkv"]
+        if all(p is not None for p in parts):
+            return match.fit(torch.cat(parts), ours, f"{names[owner]}.[qkv]_proj.{suffix}")
+        return None
+    if owner in names:
+        return match.take(f"{names[owner]}.{pname}", ours)
+    if match.component == "text_encoder" and pname == "positional_embedding":
+        return match.take("embeddings.position_embedding.weight", ours)
+    if match.component == "text_encoder" and pname == "text_projection":
+        # Not in diffusers folders (the UNet reads token features, not the pooled projection):
+        # an identity keeps the tower's pooled output meaningful.
+        return torch.eye(*ours.shape)
+    if match.component == "text_encoder" and pname == "logit_scale":
+        return torch.tensor(math.log(1 / 0.07))  # CLIP's initial temperature, also unused
+    raise RuntimeError(f"no diffusers name for our parameter {key}")  # a name-table bug
+
+
 def _component_state_dict(component: str, module: nn.Module, names: dict[str, str],
                           tensors: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
     """Our state dict for one component, each tensor taken from the file through ``names``.
@@ -343,60 +421,15 @@ def _component_state_dict(component: str, module: nn.Module, names: dict[str, st
     Every parameter must be found and every tensor of the file used (a strict load by name); all
     missing, unexpected and mis-shaped keys are reported together.
     """
-    used: set[str] = set()
-    missing: list[str] = []
-    shapes: list[str] = []
+    match = _Matcher(component, tensors)
     params = dict(module.named_parameters())
     out: dict[str, torch.Tensor] = {}
-
-    def fit(tensor: torch.Tensor, like: torch.Tensor, key: str) -> torch.Tensor | None:
-        # 1×1 convolutions on one side may be linear layers on the other: same numbers
-        if tensor.shape == like.shape:
-            return tensor
-        if _squeeze_1x1(tensor.shape) == _squeeze_1x1(like.shape):
-            return tensor.reshape(like.shape)
-        shapes.append(f"{key} has shape {tuple(tensor.shape)}, the config gives {tuple(like.shape)}")
-        return None
-
-    def take(key: str, like: torch.Tensor | None) -> torch.Tensor | None:
-        for candidate in _candidates(component, key):
-            if candidate in tensors:
-                used.add(candidate)
-                t = tensors[candidate]
-                return t if like is None else fit(t, like, candidate)
-        missing.append(key)
-        return None
-
     for key, ours in module.state_dict(keep_vars=True).items():
-        owner, _, pname = key.rpartition(".")
         if key not in params:  # a buffer we compute ourselves (schedule, masks, position ids)
             out[key] = ours
-        elif owner in names and pname in ("in_proj_weight", "in_proj_bias"):
-            # OpenCLIP's fused attention input = q, k and v projections stacked
-            suffix = pname.removeprefix("in_proj_")
-            parts = [take(f"{names[owner]}.{p}_proj.{suffix}", None) for p in "qkv"]
-            if all(p is not None for p in parts):
-                out[key] = fit(torch.cat(parts), ours, f"{names[owner]}.[qkv]_proj.{suffix}")
-        elif owner in names:
-            out[key] = take(f"{names[owner]}.{pname}", ours)
-        elif component == "text_encoder" and pname == "positional_embedding":
-            out[key] = take("embeddings.position_embedding.weight", ours)
-        elif component == "text_encoder" and pname == "text_projection":
-            # Not in diffusers folders (the UNet reads token features, not the pooled projection):
-            # an identity keeps the tower's pooled output meaningful.
-            out[key] = torch.eye(*ours.shape)
-        elif component == "text_encoder" and pname == "logit_scale":
-            out[key] = torch.tensor(math.log(1 / 0.07))  # CLIP's initial temperature, also unused
         else:
-            raise RuntimeError(f"no diffusers name for our parameter {key}")  # a name-table bug
-    unexpected = sorted(set(tensors) - used - _IGNORED_KEYS.get(component, set()))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {_listed(sorted(missing))}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_listed(unexpected)}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches: {_listed(shapes)}")
+            out[key] = _parameter(match, key, ours, names)
+    problems = match.problems()
     if problems:
         raise _fail(file, "does not match its config.json: " + "; ".join(problems))
     return out

@@ -23,10 +23,12 @@ from torch import nn
 
 from .lora_formats import (LoraError, LoraModule, LoraWeights, name_table, read_lora,
                            write_lora)
+from .weights_io import file_hash
 
-__all__ = ["LoraError", "LoraModule", "LoraWeights", "UNET_ATTENTION", "UNET_FEED_FORWARD",
+__all__ = ["LoraError", "LoraModule", "LoraWeights", "LoraState", "UNET_ATTENTION", "UNET_FEED_FORWARD",
            "UNET_PROJECTIONS", "TEXT_ATTENTION", "TEXT_MLP", "TARGET_PRESETS", "target_layers",
-           "add_lora", "apply_lora", "read_lora", "set_lora_scale", "lora_adapters", "lora_info", "remove_lora",
+           "add_lora", "apply_lora", "read_lora", "set_lora_scale", "lora_adapters", "lora_info",
+           "has_lora", "remove_lora",
            "fuse_lora", "unfuse_lora", "is_fused", "get_lora", "set_lora_weights",
            "lora_parameters", "save_lora", "lora_file_metadata", "model_family"]
 
@@ -49,16 +51,23 @@ class _Adapter:
 
 
 @dataclass
-class _LoraState:
-    adapters: dict[str, _Adapter] = field(default_factory=dict)
+class LoraState:
+    """The LoRAs applied to one model (its ``lora`` field; this module alone writes it)."""
+
+    adapters: dict[str, _Adapter] = field(default_factory=dict)  # in the order they were added
     fused: dict[str, torch.Tensor] = field(default_factory=dict)  # layer path → original weight
 
 
-def _state(model: nn.Module) -> _LoraState:
-    state = model.__dict__.get("_lora_state")
-    if state is None:
-        state = model.__dict__["_lora_state"] = _LoraState()
-    return state
+def _state(model: nn.Module) -> LoraState:
+    """The model's LoRA state, created on first use."""
+    if model.lora is None:
+        model.lora = LoraState()
+    return model.lora
+
+
+def _current(model: nn.Module) -> LoraState:
+    """The model's LoRA state for reading; an empty one, not kept, when it has none."""
+    return LoraState() if model.lora is None else model.lora
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -104,7 +113,7 @@ def _valid_scale(scale) -> float:
     return float(scale)
 
 
-def _adapter_name(state: _LoraState, wanted: str | None, source: str | None) -> str:
+def _adapter_name(state: LoraState, wanted: str | None, source: str | None) -> str:
     if wanted is not None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", wanted):
             raise LoraError(f"LoRA name {wanted!r}: use letters, digits, '_' and '-' only")
@@ -142,8 +151,8 @@ def _inject(model: nn.Module, name: str, specs: dict[str, tuple[int, float]]) ->
 
 
 def _sync(model: nn.Module) -> None:
-    """Make every layer's active adapters, scales and trainable flags follow the registry."""
-    state = _state(model)
+    """Make every layer's active adapters, scales and trainable flags follow the model's state."""
+    state = _current(model)
     active = [n for n, a in state.adapters.items() if a.scale != 0]
     for _, layer in _lora_layers(model):
         with warnings.catch_warnings():
@@ -196,7 +205,7 @@ def apply_lora(model: nn.Module, lora, *, scale: float = 1.0, name: str | None =
     return name
 
 
-def _refuse_when_fused(state: _LoraState, what: str) -> None:
+def _refuse_when_fused(state: LoraState, what: str) -> None:
     if state.fused:
         raise LoraError(f"cannot {what} while LoRAs are fused into the weights; unfuse first")
 
@@ -212,16 +221,21 @@ def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
 
 def lora_adapters(model: nn.Module) -> dict[str, float]:
     """Applied adapters and their scales, in the order they were added."""
-    return {n: a.scale for n, a in _state(model).adapters.items()}
+    return {n: a.scale for n, a in _current(model).adapters.items()}
 
 
 def lora_info(model: nn.Module) -> list[dict]:
     """Each applied adapter: {"name", "scale", "source" (file path or None), "trainable"}."""
     return [{"name": n, "scale": a.scale, "source": a.source, "trainable": a.trainable}
-            for n, a in _state(model).adapters.items()]
+            for n, a in _current(model).adapters.items()]
 
 
-def _known(state: _LoraState, name: str) -> _Adapter:
+def has_lora(model: nn.Module) -> bool:
+    """Whether any adapter is applied (at any scale)."""
+    return bool(_current(model).adapters)
+
+
+def _known(state: LoraState, name: str) -> _Adapter:
     if name not in state.adapters:
         have = ", ".join(state.adapters) or "none"
         raise LoraError(f"no LoRA named {name!r} is applied (applied: {have})")
@@ -254,7 +268,7 @@ def remove_lora(model: nn.Module, name: str | None = None) -> None:
 # ------------------------------------------------------------------------------ fuse and unfuse
 
 def is_fused(model: nn.Module) -> bool:
-    return bool(_state(model).fused)
+    return bool(_current(model).fused)
 
 
 @torch.no_grad()
@@ -299,13 +313,13 @@ def _adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
 
 def lora_parameters(model: nn.Module, name: str = "default") -> list[nn.Parameter]:
     """The adapter's down and up weights, layer by layer (what an optimizer trains)."""
-    _known(_state(model), name)
+    _known(_current(model), name)
     return _adapter_parameters(model, name)
 
 
 def get_lora(model: nn.Module, name: str = "default") -> LoraWeights:
     """The adapter's current weights (views of the parameters, detached)."""
-    adapter = _known(_state(model), name)
+    adapter = _known(_current(model), name)
     modules = {}
     for path, layer in _lora_layers(model):
         if name in layer.lora_A:
@@ -318,7 +332,7 @@ def get_lora(model: nn.Module, name: str = "default") -> LoraWeights:
 @torch.no_grad()
 def set_lora_weights(model: nn.Module, name: str, weights: LoraWeights) -> None:
     """Copy weights into an existing adapter's parameters (the same tensors an optimizer holds)."""
-    _known(_state(model), name)
+    _known(_current(model), name)
     layers = dict(_lora_layers(model))
     have = {p for p, layer in layers.items() if name in layer.lora_A}
     if set(weights.modules) != have:
@@ -343,8 +357,6 @@ def lora_file_metadata(model: nn.Module, weights: LoraWeights, *, steps: int | N
                        resolution: int | None = None, base_model_path=None,
                        extra: dict | None = None) -> dict[str, str]:
     """Header strings for a LoRA file: ours plus the kohya ``ss_*`` keys tools display."""
-    from .checkpoint import file_hash
-
     ranks = weights.ranks()
     rank = ranks.most_common(1)[0][0] if ranks else 0
     alphas = Counter(m.effective_alpha for m in weights.modules.values())
@@ -354,8 +366,7 @@ def lora_file_metadata(model: nn.Module, weights: LoraWeights, *, steps: int | N
             "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
             "ss_network_alpha": f"{alpha:g}", "ss_v2": str(family.startswith("sd2"))}
     if base_model_path is None:
-        source = getattr(model, "source", None)
-        base_model_path = getattr(source, "path", None)
+        base_model_path = getattr(model.source, "path", None)
     if base_model_path is not None and Path(base_model_path).is_file():
         digest = file_hash(base_model_path)
         meta.update(base_model_hash=digest[:10], base_model=Path(base_model_path).stem,

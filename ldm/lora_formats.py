@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .diffusers_names import kohya_lora_name, text_module_map, unet_module_map
+from .weights_io import CheckpointError, read_safetensors_metadata, read_state_dict, write_safetensors
 
 UNET_PREFIX = "model.diffusion_model"
 TEXT_PREFIX = "cond_stage_model"
@@ -149,15 +150,14 @@ def build_name_table(model: nn.Module) -> NameTable:
 
 
 def name_table(model: nn.Module) -> NameTable:
-    """:func:`build_name_table`, computed once per model (before any adapter is injected)."""
-    table = model.__dict__.get("_lora_name_table")
-    if table is None:
+    """:func:`build_name_table`, computed once per model (before any adapter is injected) and kept
+    in its ``lora_names`` field."""
+    if model.lora_names is None:
         if any(hasattr(m, "base_layer") for m in model.modules()):
             raise LoraError("the model already holds adapters injected elsewhere; LoRA names must "
                             "be read from the plain model")
-        table = build_name_table(model)
-        model.__dict__["_lora_name_table"] = table
-    return table
+        model.lora_names = build_name_table(model)
+    return model.lora_names
 
 
 # ------------------------------------------------------------------------------------ key layouts
@@ -236,71 +236,95 @@ def _alpha_for(dotted_name: str, configs: dict[str, dict]) -> float | None:
     return None
 
 
-def parse_lora(state: dict[str, torch.Tensor], model: nn.Module, *, metadata: dict | None = None,
-               source: str = "LoRA", sidecar_config: dict | None = None) -> LoraWeights:
-    """Resolve a LoRA state dict of any supported layout against ``model``'s layers."""
-    metadata = dict(metadata or {})
-    table = name_table(model)
-    parts: dict[str, dict] = {}  # our path → {"down", "up", "alpha", "names"}
-    unknown, unsupported, dotted_alpha = [], {}, {}
-    if not state:
-        raise LoraError(f"{source}: holds no tensors")
+_KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+
+@dataclass
+class _Parts:
+    """A LoRA state dict sorted by our layer paths."""
+
+    layers: dict[str, dict] = field(default_factory=dict)  # our path → {"down", "up", "alpha", "names"}
+    unknown: list[str] = field(default_factory=list)  # keys that name no layer
+    unsupported: dict[str, str] = field(default_factory=dict)  # spelled name → why not
+    dotted_alpha: dict[str, str] = field(default_factory=dict)  # our path → its dotted name
+
+
+def _sorted_parts(state: dict[str, torch.Tensor], table: NameTable, source: str) -> _Parts:
+    found = _Parts()
     for key, tensor in state.items():
         kohya = _KOHYA_KEY.match(key)
         if kohya:
-            name, role = kohya.group(1), {"lora_down.weight": "down", "lora_up.weight": "up",
-                                          "alpha": "alpha"}[kohya.group(2)]
-            ours = table.kohya.get(name)
-            spelled = name
+            spelled, role = kohya.group(1), _KOHYA_ROLES[kohya.group(2)]
+            ours = table.kohya.get(spelled)
         else:
-            found = _dotted_module(key)
-            if found is None:
-                unknown.append(key)
+            dotted = _dotted_module(key)
+            if dotted is None:
+                found.unknown.append(key)
                 continue
-            spelled, role = found
+            spelled, role = dotted
             ours = table.dotted.get(spelled)
             if ours is not None and role != "alpha":
-                dotted_alpha[ours] = spelled
+                found.dotted_alpha[ours] = spelled
         if ours is None:
             if spelled in table.unsupported:
-                unsupported[spelled] = table.unsupported[spelled]
+                found.unsupported[spelled] = table.unsupported[spelled]
             else:
-                unknown.append(key)
+                found.unknown.append(key)
             continue
-        entry = parts.setdefault(ours, {"names": set()})
+        entry = found.layers.setdefault(ours, {"names": set()})
         entry["names"].add(spelled)
         if role in entry:
             raise LoraError(f"{source}: two entries for the {role} weight of layer {ours} "
                             f"(spelled {_listing(sorted(entry['names']))})")
         entry[role] = tensor
+    return found
 
-    if not parts and not unsupported:
+
+def _refuse_unmatched(parts: _Parts, state: dict, source: str) -> None:
+    if not parts.layers and not parts.unsupported:
         raise LoraError(f"{source}: not a LoRA for this model: none of its {len(state)} keys name a "
-                        f"LoRA layer of it (e.g. {_listing(sorted(state), 3)})" + _family_hint(unknown))
-    if unsupported:
-        names = sorted(unsupported)
-        raise LoraError(f"{source}: {unsupported[names[0]]} (keys {_listing(names, 3)})")
-    if unknown:
-        raise LoraError(f"{source}: {len(unknown)} keys name no layer of this model: "
-                        f"{_listing(sorted(unknown))}" + _family_hint(unknown))
+                        f"LoRA layer of it (e.g. {_listing(sorted(state), 3)})"
+                        + _family_hint(parts.unknown))
+    if parts.unsupported:
+        names = sorted(parts.unsupported)
+        raise LoraError(f"{source}: {parts.unsupported[names[0]]} (keys {_listing(names, 3)})")
+    if parts.unknown:
+        raise LoraError(f"{source}: {len(parts.unknown)} keys name no layer of this model: "
+                        f"{_listing(sorted(parts.unknown))}" + _family_hint(parts.unknown))
 
+
+def _layer_alpha(entry: dict, dotted_name: str | None, configs: dict, label: str,
+                 source: str) -> float | None:
+    alpha = entry.get("alpha")
+    if alpha is not None:
+        if alpha.numel() != 1:
+            raise LoraError(f"{source}: alpha of layer {label} has shape {list(alpha.shape)}, "
+                            "expected a single number")
+        return float(alpha.float().item())
+    if dotted_name is not None:
+        alpha = _alpha_for(dotted_name, configs)
+        return None if alpha is None else float(alpha)
+    return None
+
+
+def parse_lora(state: dict[str, torch.Tensor], model: nn.Module, *, metadata: dict | None = None,
+               source: str = "LoRA", sidecar_config: dict | None = None) -> LoraWeights:
+    """Resolve a LoRA state dict of any supported layout against ``model``'s layers."""
+    metadata = dict(metadata or {})
+    table = name_table(model)
+    if not state:
+        raise LoraError(f"{source}: holds no tensors")
+    parts = _sorted_parts(state, table, source)
+    _refuse_unmatched(parts, state, source)
     configs = _diffusers_alphas(metadata, sidecar_config)
     modules: dict[str, LoraModule] = {}
-    for ours, entry in parts.items():
+    for ours, entry in parts.layers.items():
         label = _listing(sorted(entry["names"]), 1)
         missing = [r for r in ("down", "up") if r not in entry]
         if missing:
             raise LoraError(f"{source}: layer {label} has no {missing[0]} weight (only "
                             f"{', '.join(r for r in ('down', 'up', 'alpha') if r in entry)})")
-        alpha = entry.get("alpha")
-        if alpha is not None:
-            if alpha.numel() != 1:
-                raise LoraError(f"{source}: alpha of layer {label} has shape {list(alpha.shape)}, "
-                                "expected a single number")
-            alpha = float(alpha.float().item())
-        elif ours in dotted_alpha:
-            alpha = _alpha_for(dotted_alpha[ours], configs)
-            alpha = None if alpha is None else float(alpha)
+        alpha = _layer_alpha(entry, parts.dotted_alpha.get(ours), configs, label, source)
         module = _checked(model.get_submodule(ours), entry["down"], entry["up"], label, ours, source)
         module.alpha = alpha
         modules[ours] = module
@@ -349,48 +373,8 @@ def _checked(module: nn.Module, down: torch.Tensor, up: torch.Tensor, label: str
 
 # ------------------------------------------------------------------------------ files in and out
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` strings of a safetensors header (other formats: empty)."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or n > 100 * 1024 * 1024:
-                return {}
-            header = json.loads(f.read(n))
-    except (OSError, ValueError):
-        return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
-
-
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def lora_file_hash(path) -> str:
-    """The short hash A1111 shows for a LoRA ("Lora hashes"): the first 12 hex digits of the
-    sha256 of a safetensors file's tensor data (the header, which holds the metadata, is left
-    out, as in kohya's additional-networks hash), or of the whole file for other formats."""
-    import hashlib
-
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            if path.suffix.lower() == ".safetensors":
-                n = int.from_bytes(f.read(8), "little")
-                f.seek(8 + n)
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-        _HASHES[key] = digest.hexdigest()[:12]
-    return _HASHES[key]
-
-
 def read_lora(path, model: nn.Module) -> LoraWeights:
     """Read and resolve a LoRA file (.safetensors, or a weights-only .bin/.pt/.ckpt)."""
-    from .checkpoint import CheckpointError, read_state_dict
-
     path = Path(path)
     try:
         state = read_state_dict(path)
@@ -403,7 +387,7 @@ def read_lora(path, model: nn.Module) -> LoraWeights:
             sidecar = json.loads(config_file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise LoraError(f"{config_file}: not readable JSON ({exc})") from None
-    weights = parse_lora(state, model, metadata=read_metadata(path), source=str(path),
+    weights = parse_lora(state, model, metadata=read_safetensors_metadata(path), source=str(path),
                          sidecar_config=sidecar)
     for module in weights.modules.values():  # own the data: the file's map is released
         module.down, module.up = module.down.clone(), module.up.clone()
@@ -428,8 +412,6 @@ def kohya_state_dict(weights: LoraWeights, model: nn.Module, dtype: torch.dtype 
 def write_lora(weights: LoraWeights, path, model: nn.Module, *, metadata: dict | None = None,
                dtype: torch.dtype = torch.float32) -> None:
     """Write a kohya-format safetensors file atomically (temporary file, then rename)."""
-    from .checkpoint import write_safetensors
-
     if not weights.modules:
         raise LoraError(f"cannot write {path}: the LoRA has no layers")
     state = kohya_state_dict(weights, model, dtype)

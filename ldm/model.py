@@ -1,17 +1,28 @@
 """LatentDiffusion: UNet + autoencoder + text encoder + noise schedule, with CompVis state-dict keys
-(``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``)."""
+(``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``).
+
+The model also declares the state that other modules keep on it, each field written by one owner:
+``source`` (:mod:`ldm.checkpoint`), ``speed`` (:mod:`ldm.speed`), ``lora`` (:mod:`ldm.lora`) and
+``lora_names`` (:mod:`ldm.lora_formats`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
+from .detect import Detection
+from .lora import LoraState
+from .lora_formats import NameTable
 from .modules.attention import set_attention_backend
 from .modules.autoencoder import AutoencoderKL
 from .modules.text import build_text_encoder, tokenize
 from .modules.unet import UNetModel
+from .speed import SpeedOptions
+from .speed.runner import guidance_copies
 
 
 def make_betas(cfg: ModelConfig) -> torch.Tensor:
@@ -32,11 +43,20 @@ class Prediction:
         """Training target for x_t = a·x0 + s·ε, with a = sqrt(ᾱ_t), s = sqrt(1-ᾱ_t)."""
         return noise if self.kind == "eps" else a * noise - s * x0
 
-    def to_eps(self, out: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor):
-        return out if self.kind == "eps" else s * x_t + a * out
 
-    def to_x0(self, out: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor):
-        return (x_t - s * out) / a if self.kind == "eps" else a * x_t - s * out
+@dataclass(frozen=True)
+class LoadInfo:
+    """Where a loaded model came from, and how its configuration was chosen."""
+
+    path: str
+    detection: Detection | None
+    config_source: str
+    use_ema: bool = False
+
+    @property
+    def name(self) -> str:
+        p = Path(self.path)
+        return p.name if p.is_dir() else p.stem
 
 
 def posterior_latents(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor,
@@ -74,6 +94,14 @@ class LatentDiffusion(nn.Module):
         self.scale_factor = cfg.scale_factor
         # a plain attribute, not a buffer: model.to(float16) must not round the schedule
         self.alphas_cumprod = torch.cumprod(1 - make_betas(cfg), 0).float()
+        # the file or folder it was loaded from (ldm.checkpoint; None when built in code)
+        self.source: LoadInfo | None = None
+        # the inference switches in force (ldm.speed.apply_speed; None: the plain model)
+        self.speed: SpeedOptions | None = None
+        # the applied LoRA adapters (ldm.lora; None until the first one)
+        self.lora: LoraState | None = None
+        # LoRA names of the plain model's layers, computed once (ldm.lora_formats.name_table)
+        self.lora_names: NameTable | None = None
 
     @property
     def unet(self) -> UNetModel:
@@ -95,9 +123,12 @@ class LatentDiffusion(nn.Module):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return tokenize(self.config.text, texts)
 
-    def get_learned_conditioning(self, texts: list[str], clip_skip: int = 0) -> torch.Tensor:
+    def get_learned_conditioning(self, texts: list[str] | torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+        """The text encoder's output for prompts, or for token ids (B, max_length) already made
+        (weighted and chunked prompts make their own)."""
         device = next(self.cond_stage_model.parameters()).device
-        return self.cond_stage_model(self.tokenize(texts).to(device), clip_skip=clip_skip)
+        ids = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        return self.cond_stage_model(ids.to(device), clip_skip=clip_skip)
 
     # autoencoder, with SD's latent scaling
     def encode_first_stage(self, images: torch.Tensor, generator: torch.Generator | None = None,
@@ -107,32 +138,22 @@ class LatentDiffusion(nn.Module):
         return z * self.scale_factor
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        return self.first_stage_model.decode(z / self.scale_factor)
+        """Images in [-1, 1]; ``z`` is unscaled in its own dtype, then cast to the autoencoder's."""
+        dtype = next(self.first_stage_model.parameters()).dtype
+        return self.first_stage_model.decode((z / self.scale_factor).to(dtype))
 
     # diffusion
-    def _coefficients(self, t: torch.Tensor, like: torch.Tensor):
-        ac = self.alphas_cumprod.to(like.device)[t.long().to(like.device)]
-        shape = (-1,) + (1,) * (like.dim() - 1)
-        return ac.sqrt().view(shape), (1 - ac).sqrt().view(shape)
-
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        a, s = self._coefficients(t, x0)
-        return (a * x0 + s * noise).to(x0.dtype)
-
-    def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        a, s = self._coefficients(t, x0)
-        return self.prediction.target(x0, noise, a, s).to(x0.dtype)
-
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                     concat: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet's raw output (ε or v, per ``config.parameterization``).
 
         ``context`` may hold k × as many rows as ``x_t``: the batch is then evaluated under each of
         the k conditionings (classifier-free guidance's [uncond, cond] with k = 2), as if ``x_t``,
-        ``t`` and ``concat`` were repeated k times; with the speed option ``shared_cfg_prefix``
-        the layers before the UNet's first cross-attention run once for all k."""
-        copies = context.shape[0] // x_t.shape[0] if x_t.shape[0] else 1
-        if copies > 1 and not getattr(getattr(self, "speed", None), "shared_cfg_prefix", True):
+        ``t`` and ``concat`` were repeated k times (which is what happens without speed applied); with
+        the speed option ``shared_cfg_prefix`` the layers before the UNet's first cross-attention
+        run once for all k."""
+        copies = guidance_copies(x_t, context)
+        if copies > 1 and not (self.speed is not None and self.speed.shared_cfg_prefix):
             x_t = torch.cat([x_t] * copies)
             t = torch.cat([t] * copies) if t.dim() else t
             concat = None if concat is None else torch.cat([concat] * copies)

@@ -175,7 +175,7 @@ def model_hash(path) -> str | None:
     """A1111's short model hash: the first 10 hex digits of the file's sha256 (None without a file)."""
     if not path or not Path(path).is_file():  # no path, or a diffusers folder: nothing to hash
         return None
-    from ldm.checkpoint import file_hash  # cached per file version: each file is read once
+    from ldm.weights_io import file_hash  # cached per file version: each file is read once
     return file_hash(path)[:10]
 
 

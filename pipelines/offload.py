@@ -12,10 +12,15 @@ of each component per generation.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from ldm.speed import SpeedOptions, apply_speed, as_speed_options
+
+# model → its offload hooks (text, UNet, autoencoder); this module alone writes it
+_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def _execution_device(device) -> torch.device:
@@ -42,13 +47,18 @@ def enable_model_offload(model: nn.Module, device) -> list:
     _, unet = cpu_offload_with_hook(model.model, device, prev_module_hook=text)
     _, vae = cpu_offload_with_hook(model.first_stage_model, device, prev_module_hook=unet)
     text.hook.prev_module_hook = vae  # close the cycle (see the module docstring)
-    model.__dict__["offload_hooks"] = [text, unet, vae]
+    _HOOKS[model] = [text, unet, vae]
     return [text, unet, vae]
+
+
+def offload_hooks(model: nn.Module) -> list:
+    """The hooks :func:`enable_model_offload` put on ``model`` (text, UNet, autoencoder), or []."""
+    return list(_HOOKS.get(model, []))
 
 
 def disable_model_offload(model: nn.Module) -> None:
     """Remove the offload hooks; the components stay where they are (call ``model.to(device)``)."""
-    for hook in model.__dict__.pop("offload_hooks", []):
+    for hook in _HOOKS.pop(model, []):
         hook.remove()
 
 

@@ -15,12 +15,17 @@ from PIL import Image, ImageFilter
 MULTIPLE = 8
 
 
+def check_side(name: str, value: int) -> None:
+    """An image height or width: a positive multiple of 8 (the autoencoder's downscale)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value % MULTIPLE:
+        raise ValueError(f"{name} must be a multiple of {MULTIPLE}, got {value}")
+
+
 def check_size(height: int, width: int) -> None:
-    for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if value % MULTIPLE:
-            raise ValueError(f"{name} must be a multiple of {MULTIPLE}, got {value}")
+    check_side("height", height)
+    check_side("width", width)
 
 
 def target_size(image: Image.Image, height: int | None, width: int | None) -> tuple[int, int]:

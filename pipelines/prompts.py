@@ -88,6 +88,11 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     for start in opened["["]:
         scale_from(start, SQUARE_FACTOR)
 
+    return _merge_equal_weights(pieces)
+
+
+def _merge_equal_weights(pieces: list[list]) -> list[tuple[str, float]]:
+    """Adjacent text pieces of equal weight joined; BREAK marks kept apart."""
     merged: list[list] = []
     for piece in pieces:
         if merged and not piece[2] and not merged[-1][2] and merged[-1][1] == piece[1]:
@@ -211,17 +216,15 @@ def encode_prompts(model, prompts: list[str], negatives: list[str],
         raise ValueError(f"clip_skip must be an integer from 0 to {usable - 1}, got {clip_skip!r}")
 
     tokenizer = tokenizer_for(cfg)
-    encoder = model.cond_stage_model
-    device = next(encoder.parameters()).device
     chunked = {t: tokenize_prompt(tokenizer, t, cfg.max_length - 2)
                for t in dict.fromkeys(prompts + negatives)}
     k = max(len(c) for c in chunked.values())
 
     def encode(chunks: list[Chunk]) -> torch.Tensor:
         rows = [chunk_ids(c, cfg.pad_token_id, cfg.max_length, SOT, EOT) for c in chunks]
-        ids = torch.tensor([r[0] for r in rows], device=device)
+        ids = torch.tensor([r[0] for r in rows])
         weights = torch.tensor([r[1] for r in rows])
-        return apply_weights(encoder(ids, clip_skip=clip_skip), weights)
+        return apply_weights(model.get_learned_conditioning(ids, clip_skip), weights)
 
     with torch.no_grad():
         # each distinct prompt is encoded once, on its own, so a prompt conditions the same whatever

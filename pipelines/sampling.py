@@ -7,7 +7,7 @@ diffusers scheduler itself does.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -87,25 +87,69 @@ class Guidance:
         return guided
 
 
-def denoise(model, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-            guidance: Guidance, *, concat: torch.Tensor | None = None, known: KnownRegion | None = None,
-            extra: dict | None = None, callback: Callable | None = None, progress: bool = True,
-            desc: str | None = None) -> tuple[torch.Tensor, bool]:
-    """Run the scheduler over ``timesteps``; returns the final latents and whether ``callback``
-    stopped the loop early (it is called as ``callback(i, total, latents)`` after step ``i`` of
-    ``total``, counting from 0, and a return value of ``False`` stops)."""
+@dataclass(frozen=True)
+class Schedule:
+    """The timesteps a generation runs and the scheduler that steps through them.
+
+    ``timesteps`` may be the tail of the scheduler's (img2img/inpaint strength); ``step_kwargs``
+    are the optional arguments of the scheduler's ``step`` (:func:`step_kwargs`)."""
+
+    scheduler: object  # a diffusers scheduler
+    timesteps: torch.Tensor
+    step_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.scheduler.init_noise_sigma
+
+    def noised(self, init: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Image latents noised to the first timestep that will run (none run: unchanged)."""
+        if len(self.timesteps) == 0:
+            return init
+        return self.scheduler.add_noise(init, noise, self.timesteps[:1].repeat(init.shape[0]))
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the denoiser is conditioned on: the text (with guidance the rows [uncond, cond] for
+    latents given once), an inpainting model's extra input channels (mask and masked-image
+    latents), or, for inpainting with an ordinary model, the known region blended in each step."""
+
+    context: torch.Tensor
+    concat: torch.Tensor | None = None
+    known: KnownRegion | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A tqdm bar over the steps (``show``), labelled ``desc``."""
+
+    show: bool = True
+    desc: str | None = None
+
+
+def denoise(model, latents: torch.Tensor, schedule: Schedule, conditioning: Conditioning,
+            guidance: Guidance, callback: Callable | None = None,
+            progress: Progress = Progress()) -> tuple[torch.Tensor, bool]:
+    """Run ``schedule``; returns the final latents and whether ``callback`` stopped the loop early
+    (it is called as ``callback(i, total, latents)`` after step ``i`` of ``total``, counting from
+    0, and a return value of ``False`` stops)."""
     # with guidance the context holds [uncond, cond] rows for the latents given once; the model
     # decides whether the layers before the first cross-attention run once or per conditioning
+    scheduler, timesteps = schedule.scheduler, schedule.timesteps
+    context, concat, known = conditioning.context, conditioning.concat, conditioning.known
     dtype = context.dtype
     total = len(timesteps)
     interrupted = False
     # the speed options' sampling scope: SDPA kernel choice, text keys/values computed once per run
-    with sampling_scope(model) as run, tqdm(total=total, disable=not progress, desc=desc, leave=False) as bar:
+    with sampling_scope(model) as run, \
+            tqdm(total=total, disable=not progress.show, desc=progress.desc, leave=False) as bar:
         for i, t in enumerate(timesteps):
             run.begin_step()
             x = scheduler.scale_model_input(latents, t).to(dtype)
             out = model.apply_model(x, t.expand(x.shape[0]), context, concat=concat)
-            latents = scheduler.step(guidance(out), t, latents, **(extra or {}), return_dict=False)[0]
+            latents = scheduler.step(guidance(out), t, latents, **schedule.step_kwargs,
+                                     return_dict=False)[0]
             if known is not None:
                 latents = known.blend(scheduler, latents, timesteps[i + 1:i + 2] if i + 1 < total else None)
             bar.update()

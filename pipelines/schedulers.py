@@ -50,6 +50,11 @@ def _scipy_available() -> bool:
     return is_scipy_available()
 
 
+def check_name(name) -> None:
+    if name not in _SPECS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
 def resolve(name: str) -> tuple[str, dict]:
     """The diffusers class name and options for a scheduler name.
 
@@ -59,8 +64,7 @@ def resolve(name: str) -> tuple[str, dict]:
     same solver family (DPM-Solver++ with SDE noise, Lu et al. 2022) as a 2M multistep method,
     so images differ from the torchsde version but are of the same kind.
     """
-    if name not in _SPECS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    check_name(name)
     cls_name, options = _SPECS[name]
     if name == "dpmpp_sde_karras" and not _torchsde_available():
         return "DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=2,

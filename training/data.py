@@ -15,7 +15,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -132,14 +131,11 @@ def crop_box(width: int, height: int, size: int, rng: random.Random | None) -> t
     return w, h, x, y
 
 
-def to_tensor(image) -> torch.Tensor:
-    """PIL RGB → float (3, H, W) in [-1, 1]."""
-    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float() / 127.5 - 1.0
-
-
 def prepare_image(path: Path, size: int, rng: random.Random | None, flip: bool) -> torch.Tensor:
+    """The crop of ``path`` as float (3, size, size) in [-1, 1], optionally mirrored."""
     from PIL import Image
+
+    from pipelines.preprocess import image_to_tensor
 
     image = load_rgb(path)
     w, h, x, y = crop_box(*image.size, size, rng)
@@ -148,7 +144,7 @@ def prepare_image(path: Path, size: int, rng: random.Random | None, flip: bool) 
     image = image.crop((x, y, x + size, y + size))
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    return image_to_tensor(image, size, size)[0]
 
 
 # ------------------------------------------------------------------------------------ datasets
@@ -241,17 +237,21 @@ def collate(items: list[dict]) -> dict:
 class KeyBatches(Sampler):
     """Batches of keys for one process of a data-parallel run, from micro-batch ``start`` on.
 
-    The global stream visits the examples in a fresh permutation each epoch (seeded by (seed,
-    epoch)); micro-batch ``m`` of process ``p`` takes stream positions ``(m·P + p)·B … +B``.
+    Micro-batch ``m`` of process ``p`` takes stream positions ``(m·P + p)·B … +B``. With
+    ``shuffle`` the stream visits the examples in a fresh permutation each epoch (seeded by (seed,
+    epoch)) and position q is key ``epoch·N + perm[i]``; without it, the key is the position itself
+    (datasets that are already a function of the index, as long as the run).
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int,
-                 process: int = 0, processes: int = 1):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
+                 process: int = 0, processes: int = 1, shuffle: bool = True):
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
         self.start, self.stop, self.process, self.processes = start, stop, process, processes
         self._perms: dict[int, list[int]] = {}
 
     def _key(self, position: int) -> int:
+        if not self.shuffle:
+            return position
         epoch, i = divmod(position, self.size)
         if epoch not in self._perms:
             gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)

@@ -1,34 +1,175 @@
-"""The LoRA training loop behind ``ldm train-lora`` (Accelerate: devices, mixed precision, gradient
-accumulation, data parallelism, resumable states).
+"""The LoRA trainer: fine-tune a LoRA on a folder of captioned images (what ``ldm train-lora`` runs),
+on :mod:`training.engine` with the diffusion loss of :mod:`training.loss`.
 
-Determinism: all randomness of micro-batch ``m`` on process ``p`` (posterior sample, noise, noise
-offset, timesteps) comes from a generator seeded by (seed, m, p), and the data stream is a function
-of the position in it (:mod:`training.data`). A run stopped at step k and resumed therefore
-continues exactly as the uninterrupted run would; a state holds only the adapter, the optimizer,
-the LR schedule and the step (the frozen base model is not copied).
+The frozen base model (UNet and text encoder in the mixed-precision dtype) gets a float32 adapter;
+states hold only the adapter, the optimizer and the step (the base is on disk). All randomness of
+micro-batch ``m`` on process ``p`` (posterior sample, noise, noise offset, timesteps) comes from a
+generator seeded by (seed, m, p), and the data stream is a function of the position in it
+(:mod:`training.data`), so a resumed run continues exactly as the uninterrupted one.
 """
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
-import time
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipelines.validate import check_number
+
+from .engine import Engine, PerStep, RunSettings, Schedule, Summary, Task, TrainingError, weight_dtype
+from .loss import DiffusionLoss, draw_noise, draw_timesteps, randn
+
 ADAPTER = "default"
-STATE_FILE = "train_state.json"
 ADAPTER_FILE = "lora.safetensors"
-STEP_DIR = re.compile(r"^step-(\d+)$")
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-           "fp32": torch.float32}
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
+CONV_TARGETS = ("conv1", "conv2", "conv_shortcut")  # the ``conv`` preset: resnet convolutions (LoCon)
+# (field, low, high, integer, strict_low) of every number setting
+_NUMBERS = (("rank", 1, None, True, False), ("alpha", 0, None, False, True),
+            ("max_steps", 1, None, True, False), ("learning_rate", 0, None, False, True),
+            ("lr_warmup_steps", 0, None, True, False), ("weight_decay", 0, None, False, False),
+            ("batch_size", 1, None, True, False), ("gradient_accumulation_steps", 1, None, True, False),
+            ("max_grad_norm", 0, None, False, False), ("min_snr_gamma", 0, None, False, True),
+            ("noise_offset", 0, None, False, False), ("seed", 0, None, True, False),
+            ("resolution", 8, None, True, False), ("prior_loss_weight", 0, None, False, False),
+            ("caption_dropout", 0, 1, False, False), ("num_workers", 0, None, True, False),
+            ("checkpointing_steps", 1, None, True, False), ("checkpoints_total_limit", 1, None, True, False),
+            ("validation_steps", 1, None, True, False), ("validation_seed", 0, None, True, False))
 
 
-class TrainingError(ValueError):
-    """A training run that cannot start or continue."""
+@dataclass(frozen=True)
+class LoraSettings:
+    """One LoRA training run; the fields are ``ldm train-lora``'s options. Checked when built
+    (``ValueError`` naming the option)."""
+
+    data: Path  # images with captions (name.png + name.txt, or a metadata.jsonl)
+    output: Path  # the .safetensors file to write
+    # base model
+    checkpoint: Path | None = None  # None: the shipped default model
+    config: Path | None = None
+    # adapter
+    rank: int = 4
+    alpha: float | None = None  # None: the rank
+    targets: tuple[str, ...] = ("attention",)
+    train_text_encoder: bool = False
+    # optimisation
+    max_steps: int = 1000
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    seed: int = 0
+    # data
+    resolution: int | None = None  # None: the model's
+    reg_data: Path | None = None
+    prior_loss_weight: float = 1.0
+    caption_dropout: float = 0.0
+    flip: bool = False
+    random_crop: bool = False
+    cache_latents: bool = False
+    num_workers: int = 0
+    # states and validation
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    checkpoints_dir: Path | None = None
+    resume: str | None = None  # "latest" or a state folder
+    validation_prompt: tuple[str, ...] = ()
+    validation_steps: int = 100
+    validation_seed: int = 0
+    save_precision: str = "fp32"
+    cpu: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        for name in ("data", "output", "checkpoint", "config", "reg_data", "checkpoints_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        for name in ("targets", "validation_prompt"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name, low, high, integer, strict in _NUMBERS:
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name, low, high, integer=integer, strict_low=strict)
+        for name, allowed in (("lr_scheduler", LR_SCHEDULERS), ("mixed_precision", MIXED_PRECISIONS),
+                              ("save_precision", SAVE_PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        if self.output.suffix.lower() != ".safetensors":
+            raise ValueError(f"--output must name a .safetensors file, got {str(self.output)!r}")
+        if self.output.is_dir():
+            raise ValueError(f"--output {self.output} is a folder; give a file name")
+        if self.resolution is not None and self.resolution % 8:
+            raise ValueError(f"argument --resolution: must be a multiple of 8, got {self.resolution}")
+        if self.cache_latents and self.random_crop:
+            raise ValueError("--cache-latents needs fixed crops; drop --random-crop or the cache")
+        if self.checkpoint is not None and not self.checkpoint.exists():
+            raise ValueError(f"--checkpoint {self.checkpoint}: no such file or folder")
+        if not all(t.strip() for t in self.validation_prompt):
+            raise ValueError("--validation-prompt must not be empty")
+        if self.reg_data and self.reg_data.resolve() == self.data.resolve():
+            raise ValueError("--reg-data must be another folder than --data")
+        resolve_targets(self.targets, self.train_text_encoder)
+
+
+def resolve_targets(targets, train_text_encoder: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(UNet layer names, text-encoder layer names) from target presets or layer names."""
+    from ldm.lora import TARGET_PRESETS
+
+    presets = dict(TARGET_PRESETS, conv=CONV_TARGETS)
+    unet: list[str] = []
+    text: list[str] = []
+    for item in targets:
+        names = presets.get(item, (item,))
+        (text if item.startswith("text-") else unet).extend(names)
+    if text and not train_text_encoder:
+        raise ValueError("text-encoder targets need --train-text-encoder")
+    if train_text_encoder and not text:
+        text = list(TARGET_PRESETS["text-attention"])
+    return tuple(dict.fromkeys(unet)), tuple(dict.fromkeys(text))
+
+
+def output_paths(settings: LoraSettings) -> tuple[Path, Path, Path]:
+    """(LoRA file, states folder, validation folder)."""
+    out = settings.output
+    states = settings.checkpoints_dir or out.with_name(f"{out.stem}-checkpoints")
+    return out, states, out.with_name(f"{out.stem}-validation")
+
+
+def model_name(settings: LoraSettings) -> str:
+    return settings.checkpoint.stem if settings.checkpoint else "tiny-shapes"
+
+
+def load_base_model(checkpoint: Path | None, config: Path | None):
+    """The model to adapt: ``checkpoint``, or the shipped default model."""
+    from ldm.checkpoint import load_model
+
+    path = checkpoint
+    if path is None:
+        from pipelines.pipeline import DEFAULT_CHECKPOINT, DEFAULT_CONFIG, DefaultModelMissing
+
+        if not DEFAULT_CHECKPOINT.is_file():
+            raise DefaultModelMissing(f"no default model is installed ({DEFAULT_CHECKPOINT.parent.name}/"
+                                      f"{DEFAULT_CHECKPOINT.name}); pass --checkpoint PATH")
+        path = DEFAULT_CHECKPOINT
+        if config is None and DEFAULT_CONFIG.is_file():
+            config = DEFAULT_CONFIG
+    model = load_model(path, config, dtype=torch.float32, device="cpu")
+    if model.config.is_inpainting:
+        raise TrainingError(f"{path}: an inpainting model; LoRA training takes text-to-image models")
+    return model, Path(path)
 
 
 class Denoiser(nn.Module):
@@ -45,317 +186,187 @@ class Denoiser(nn.Module):
         return self.wrapper(x_t, t, context)
 
 
-# ------------------------------------------------------------------------------ paths and states
+class LoraLoss:
+    """Diffusion loss of one micro-batch of images (or cached posteriors) with their captions."""
 
-def output_paths(args) -> tuple[Path, Path, Path]:
-    """(LoRA file, states folder, validation folder)."""
-    out = Path(args.output)
-    states = Path(args.checkpoints_dir) if args.checkpoints_dir else out.with_name(f"{out.stem}-checkpoints")
-    return out, states, out.with_name(f"{out.stem}-validation")
+    def __init__(self, model, settings: LoraSettings, device, train_text: bool):
+        self.model, self.device, self.train_text = model, device, train_text
+        self.noise_offset = settings.noise_offset
+        self.diffusion = DiffusionLoss(model.alphas_cumprod, model.prediction, settings.min_snr_gamma)
 
+    def _posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "pixels" not in batch:
+            return batch["mean"].to(self.device), batch["std"].to(self.device)
+        vae = self.model.first_stage_model
+        posterior = vae.encode(batch["pixels"].to(self.device, next(vae.parameters()).dtype))
+        return posterior.mean.float(), posterior.std.float()
 
-def saved_states(folder: Path) -> list[tuple[int, Path]]:
-    """Complete states (their train_state.json is written last), oldest first."""
-    found = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            m = STEP_DIR.match(p.name)
-            if m and (p / STATE_FILE).is_file():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
+    def __call__(self, denoiser, batch: dict, gen: torch.Generator) -> torch.Tensor:
+        from ldm.model import posterior_latents
 
-
-def find_resume(args, states: Path, note) -> Path | None:
-    existing = saved_states(states)
-    if args.resume is None:
-        if existing:
-            raise TrainingError(f"{states} holds states of an earlier run; pass --resume latest to "
-                                "continue it, or remove the folder")
-        return None
-    if args.resume == "latest":
-        if not existing:
-            note(f"--resume latest: no state in {states} yet; starting at step 0")
-            return None
-        return existing[-1][1]
-    path = Path(args.resume)
-    if not (path / STATE_FILE).is_file():
-        raise TrainingError(f"--resume {path}: not a training state folder (no {STATE_FILE} in it)")
-    return path
+        model, device = self.model, self.device
+        with torch.no_grad():
+            mean, std = self._posterior(batch)
+            z = posterior_latents(mean, std, randn(mean.shape, gen, device), model.scale_factor)
+            noise = draw_noise(z.shape, gen, device, self.noise_offset)
+            t = draw_timesteps(z.shape[0], model.config.timesteps, gen, device)
+            x_t, target = self.diffusion.noised(z, t, noise)
+            tokens = model.tokenize(batch["caption"]).to(device)
+            context = None if self.train_text else model.cond_stage_model(tokens)
+        pred = denoiser(x_t, t, tokens=tokens if self.train_text else None, context=context)
+        weight = batch["weight"].to(device) if "weight" in batch else None  # --prior-loss-weight
+        return self.diffusion(pred, target, t, weight)
 
 
-def load_base_model(args):
-    """The model to adapt: --checkpoint, or the shipped default model."""
-    from ldm.checkpoint import load_model
+def learning_rate(settings: LoraSettings):
+    """The rate of optimizer step k: the peak rate times diffusers' schedule factor (the factor
+    function of the ``LambdaLR`` diffusers builds, so the rates are exactly diffusers')."""
+    from diffusers.optimization import get_scheduler
 
-    path, config = args.checkpoint, args.config
-    if path is None:
-        from pipelines.pipeline import DEFAULT_CHECKPOINT, DEFAULT_CONFIG, DefaultModelMissing
-
-        if not DEFAULT_CHECKPOINT.is_file():
-            raise DefaultModelMissing(f"no default model is installed ({DEFAULT_CHECKPOINT.parent.name}/"
-                                      f"{DEFAULT_CHECKPOINT.name}); pass --checkpoint PATH")
-        path = DEFAULT_CHECKPOINT
-        if config is None and DEFAULT_CONFIG.is_file():
-            config = DEFAULT_CONFIG
-    model = load_model(path, config, dtype=torch.float32, device="cpu")
-    if model.config.is_inpainting:
-        raise TrainingError(f"{path}: an inpainting model; LoRA training takes text-to-image models")
-    return model, Path(path)
-
-
-def _run_facts(args, unet_targets, text_targets, processes: int) -> dict:
-    return {"rank": args.rank, "alpha": args.alpha if args.alpha is not None else args.rank,
-            "unet_targets": list(unet_targets), "text_targets": list(text_targets),
-            "seed": args.seed, "batch_size": args.batch_size, "processes": processes,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps}
-
-
-# ------------------------------------------------------------------------------------ the loss
-
-def _generator(seed: int, micro: int, process: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro) * 131 + process)
-
-
-def micro_batch_loss(model, denoiser, batch: dict, gen: torch.Generator, args, device,
-                     train_text: bool) -> torch.Tensor:
-    """Diffusion loss of one micro-batch: ε or v target (the model's parameterisation),
-    optionally min-SNR-γ weighted (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
-    Weighting Strategy") and with offset noise (Guttenberg 2023)."""
-    with torch.no_grad():
-        if "pixels" in batch:
-            vae = model.first_stage_model
-            posterior = vae.encode(batch["pixels"].to(device, next(vae.parameters()).dtype))
-            mean, std = posterior.mean.float(), posterior.std.float()
-        else:
-            mean, std = batch["mean"].to(device), batch["std"].to(device)
-        eps = torch.randn(mean.shape, generator=gen).to(device)
-        z = (mean + std * eps) * model.scale_factor
-        b = z.shape[0]
-        noise = torch.randn(z.shape, generator=gen).to(device)
-        if args.noise_offset:
-            noise = noise + args.noise_offset * torch.randn((b, z.shape[1], 1, 1), generator=gen).to(device)
-        t = torch.randint(0, model.config.timesteps, (b,), generator=gen).to(device)
-        x_t = model.q_sample(z, t, noise)
-        target = model.training_target(z, t, noise).float()
-        tokens = model.tokenize(batch["caption"]).to(device)
-        context = None if train_text else model.cond_stage_model(tokens)
-    pred = denoiser(x_t, t, tokens=tokens if train_text else None, context=context)
-    per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
-    if args.min_snr_gamma:
-        ac = model.alphas_cumprod.to(device)[t]
-        snr = ac / (1 - ac)
-        clipped = torch.clamp(snr, max=args.min_snr_gamma)
-        per_sample = per_sample * (clipped / (snr + 1 if model.config.parameterization == "v" else snr))
-    if "weight" in batch:  # regularisation images count --prior-loss-weight times
-        per_sample = per_sample * batch["weight"].to(device)
-    return per_sample.mean()
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=settings.learning_rate)
+    factor = get_scheduler(settings.lr_scheduler, dummy, num_warmup_steps=settings.lr_warmup_steps,
+                           num_training_steps=settings.max_steps).lr_lambdas[0]
+    peak = settings.learning_rate
+    return lambda step: peak * factor(step)
 
 
 # ----------------------------------------------------------------------------------- the run
 
-def _dataset(args, examples, model, resolution, device, accelerator):
+def _examples(settings: LoraSettings):
+    """(training and regularisation examples, how many are training examples)."""
+    from training.data import scan_folder
+
+    examples = scan_folder(settings.data)
+    n_train = len(examples)
+    if settings.reg_data:
+        examples += [dataclasses.replace(ex, weight=settings.prior_loss_weight)
+                     for ex in scan_folder(settings.reg_data)]
+    return examples, n_train
+
+
+def _dataset(settings: LoraSettings, examples, model, resolution: int, engine: Engine):
     from training.data import Augment, CachedLatents, ImageCaptions, encode_posteriors
 
-    source = ImageCaptions(examples, Augment(resolution, args.random_crop, args.flip,
-                                             args.caption_dropout, args.seed))
-    if not args.cache_latents:
+    source = ImageCaptions(examples, Augment(resolution, settings.random_crop, settings.flip,
+                                             settings.caption_dropout, settings.seed))
+    if not settings.cache_latents:
         return source
-    mean, std = encode_posteriors(source, model.first_stage_model, device,
-                                  progress=accelerator.is_local_main_process and not args.quiet)
+    progress = engine.accelerator.is_local_main_process and not settings.quiet
+    mean, std = encode_posteriors(source, model.first_stage_model, engine.device, progress=progress)
     return CachedLatents(source, mean, std)
 
 
-def _validate(model, params, args, step: int, folder: Path, weight_dtype, device) -> None:
+def _validator(model, params, settings: LoraSettings, folder: Path, device):
     """Draw the validation prompts with a fixed seed. The pipeline runs in float32 (an upcast of the
     frozen half-precision weights is exact, so is casting them back); the LoRA tensors the
     optimizer holds are put back untouched."""
-    from pipelines.images import save_png
-    from pipelines.pipeline import Pipeline
+    frozen_dtype = weight_dtype(settings.mixed_precision)
 
-    kept = [(p, p.data) for p in params]
-    pipe = Pipeline(model, device=device, dtype=torch.float32)
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, prompt in enumerate(args.validation_prompt):
-        result = pipe.txt2img(prompt, seed=args.validation_seed, progress=False)
-        params_k = dict(result.parameters[0], model=model_name(args))
-        save_png(result.images[0], folder / f"step-{step:06d}-{k}.png", params_k)
-    model.model.to(weight_dtype)
-    model.cond_stage_model.to(weight_dtype)
-    for p, data in kept:
-        p.data = data
-        p.requires_grad_(True)
-    model.model.train()
-    model.cond_stage_model.train()
+    def validate(step: int) -> None:
+        from pipelines.images import save_png
+        from pipelines.pipeline import Pipeline
 
-
-def model_name(args) -> str:
-    return Path(args.checkpoint).stem if args.checkpoint else "tiny-shapes"
-
-
-def _prune(states: Path, limit: int | None) -> None:
-    if limit is None:
-        return
-    for _, path in saved_states(states)[:-limit]:
-        shutil.rmtree(path, ignore_errors=True)
+        kept = [(p, p.data) for p in params]
+        pipe = Pipeline(model, device=device, dtype=torch.float32)
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, prompt in enumerate(settings.validation_prompt):
+            result = pipe.txt2img(prompt, seed=settings.validation_seed, progress=False)
+            params_k = dict(result.parameters[0], model=model_name(settings))
+            save_png(result.images[0], folder / f"step-{step:06d}-{k}.png", params_k)
+        model.model.to(frozen_dtype)
+        model.cond_stage_model.to(frozen_dtype)
+        for p, data in kept:
+            p.data = data
+            p.requires_grad_(True)
+        model.model.train()
+        model.cond_stage_model.train()
+    return validate
 
 
-def train(args) -> None:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+def _run_settings(settings: LoraSettings, states: Path) -> RunSettings:
+    return RunSettings(
+        name="train-lora", steps=settings.max_steps, batch_size=settings.batch_size, states=states,
+        save_every=settings.checkpointing_steps, seed=settings.seed,
+        keep=settings.checkpoints_total_limit, resume=settings.resume, resume_missing_ok=True,
+        state_at_end=False, gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        max_grad_norm=settings.max_grad_norm, mixed_precision=settings.mixed_precision,
+        cpu=settings.cpu, num_workers=settings.num_workers, quiet=settings.quiet,
+        validate_every=settings.validation_steps if settings.validation_prompt else 0)
 
-    from ldm.lora import add_lora, lora_parameters, read_lora, save_lora, set_lora_weights
-    from training.data import KeyBatches, collate, scan_folder
-    from training.lora import resolve_targets
 
-    # 1. inputs, before anything heavy
-    unet_targets, text_targets = resolve_targets(args)
-    examples = scan_folder(args.data)
-    n_train = len(examples)
-    if args.reg_data:
-        from dataclasses import replace
+def _adapt(engine: Engine, model, settings: LoraSettings, unet_targets, text_targets) -> list:
+    """Freeze the base (UNet and text encoder in the mixed-precision dtype) and add the float32
+    adapter, initialised alike on every process; returns its parameters."""
+    from ldm.lora import add_lora, lora_parameters
 
-        examples += [replace(ex, weight=args.prior_loss_weight) for ex in scan_folder(args.reg_data)]
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu,
-                              gradient_accumulation_steps=args.gradient_accumulation_steps)
-    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise TrainingError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
-    out, states, validation = output_paths(args)
-    resume = find_resume(args, states, accelerator.print)
+    frozen_dtype = weight_dtype(settings.mixed_precision)
+    model.requires_grad_(False)
+    model.to(engine.device)
+    model.model.to(frozen_dtype)
+    model.cond_stage_model.to(frozen_dtype)
+    engine.seed()
+    add_lora(model, ADAPTER, rank=settings.rank, alpha=settings.alpha, targets=unet_targets,
+             text_targets=text_targets, dtype=torch.float32)
+    if settings.gradient_checkpointing:
+        model.unet.set_gradient_checkpointing(True)
+    return lora_parameters(model, ADAPTER)
 
-    # 2. the base model, frozen (UNet and text encoder in the mixed-precision dtype), + the adapter
-    model, base_path = load_base_model(args)
-    resolution = args.resolution or model.config.default_image_size
+
+def _task(engine: Engine, model, settings: LoraSettings, targets, params, dataset, folder) -> Task:
+    from ldm.lora import save_lora, set_lora_weights
+    from ldm.lora_formats import read_lora
+    from training.data import collate
+
+    unet_targets, text_targets = targets
+    facts = {"rank": settings.rank,
+             "alpha": settings.alpha if settings.alpha is not None else settings.rank,
+             "unet_targets": list(unet_targets), "text_targets": list(text_targets),
+             "seed": settings.seed, "batch_size": settings.batch_size,
+             "processes": engine.accelerator.num_processes,
+             "gradient_accumulation_steps": settings.gradient_accumulation_steps}
+    return Task(
+        module=Denoiser(model), parameters=params, dataset=dataset, collate=collate, shuffle=True,
+        loss=LoraLoss(model, settings, engine.device, bool(text_targets)),
+        schedule=Schedule(learning_rate(settings)), weight_decay=settings.weight_decay,
+        randomness=PerStep, facts=facts, checked_facts=("rank", "alpha", "unet_targets", "text_targets"),
+        save_weights=lambda folder: save_lora(model, folder / ADAPTER_FILE, ADAPTER),
+        load_weights=lambda folder: set_lora_weights(model, ADAPTER,
+                                                     read_lora(folder / ADAPTER_FILE, model)),
+        validate=_validator(model, params, settings, folder, engine.device)
+        if settings.validation_prompt else None)
+
+
+def train(settings: LoraSettings) -> Summary:
+    """Train the adapter and write ``settings.output`` (a kohya-format LoRA file)."""
+    targets = resolve_targets(settings.targets, settings.train_text_encoder)
+    examples, n_train = _examples(settings)  # 1. inputs, before anything heavy
+    out, states, validation = output_paths(settings)
+    engine = Engine(_run_settings(settings, states))
+    model, base_path = load_base_model(settings.checkpoint, settings.config)  # 2. base + adapter
+    resolution = settings.resolution or model.config.default_image_size
     if resolution % model.config.autoencoder.downscale:
         raise TrainingError(f"--resolution {resolution}: must be a multiple of "
                             f"{model.config.autoencoder.downscale} for this model")
-    device, weight_dtype = accelerator.device, _DTYPES[args.mixed_precision]
-    model.requires_grad_(False)
-    model.to(device)
-    model.model.to(weight_dtype)
-    model.cond_stage_model.to(weight_dtype)
-    set_seed(args.seed)  # the same adapter initialisation on every process
-    add_lora(model, ADAPTER, rank=args.rank, alpha=args.alpha, targets=unet_targets,
-             text_targets=text_targets, dtype=torch.float32)
-    train_text = bool(text_targets)
-    if args.gradient_checkpointing:
-        model.unet.set_gradient_checkpointing(True)
-    params = lora_parameters(model, ADAPTER)
+    params = _adapt(engine, model, settings, *targets)
+    dataset = _dataset(settings, examples, model, resolution, engine)  # 3. data, then the run
+    summary = engine.fit(_task(engine, model, settings, targets, params, dataset, validation))
+    engine.accelerator.wait_for_everyone()  # 4. the file
+    if engine.is_main:
+        from ldm.lora import save_lora
 
-    # 3. optimizer, schedule, Accelerate; states hold the adapter only (the base is on disk)
-    from diffusers.optimization import get_scheduler
-
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    schedule = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                             num_training_steps=args.max_steps)
-    denoiser = Denoiser(model)
-    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
-
-    def save_hook(models, weights, output_dir):
-        weights.clear()
-        if accelerator.is_main_process:
-            save_lora(model, Path(output_dir) / ADAPTER_FILE, ADAPTER)
-
-    def load_hook(models, input_dir):
-        models.clear()
-        set_lora_weights(model, ADAPTER, read_lora(Path(input_dir) / ADAPTER_FILE, model))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-    facts = _run_facts(args, unet_targets, text_targets, accelerator.num_processes)
-    step = 0
-    if resume is not None:
-        saved = json.loads((resume / STATE_FILE).read_text())
-        for key in ("rank", "alpha", "unet_targets", "text_targets"):
-            if saved["facts"].get(key) != facts[key]:
-                raise TrainingError(f"--resume {resume}: the state was trained with {key} "
-                                    f"{saved['facts'].get(key)}, this run asks for {facts[key]}")
-        accelerator.load_state(str(resume))
-        schedule.load_state_dict(saved["lr_scheduler"])
-        step = int(saved["step"])
-        accelerator.print(f"resumed from {resume} at step {step}")
-
-    def save_state() -> None:
-        final = states / f"step-{step:06d}"
-        partial = states / f".step-{step:06d}.partial"
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (partial / STATE_FILE).write_text(json.dumps(
-                {"step": step, "lr_scheduler": schedule.state_dict(), "facts": facts}, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-            _prune(states, args.checkpoints_total_limit)
-        accelerator.wait_for_everyone()
-
-    # 4. data: this process's share of the stream, from the resumed position on
-    dataset = _dataset(args, examples, model, resolution, device, accelerator)
-    accum = args.gradient_accumulation_steps
-    batches = KeyBatches(len(dataset), args.batch_size, args.seed, step * accum, args.max_steps * accum,
-                         accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                        num_workers=args.num_workers)
-
-    # 5. the loop
-    progress = tqdm(total=args.max_steps, initial=step, desc="train-lora", unit="step",
-                    dynamic_ncols=True, disable=args.quiet or not accelerator.is_local_main_process)
-    denoiser.train()
-    micro, done, losses, smoothed = step * accum, 0, [], None
-    started = time.perf_counter()
-    for batch in loader:
-        gen = _generator(args.seed, micro, accelerator.process_index)
-        with accelerator.accumulate(denoiser):
-            loss = micro_batch_loss(model, denoiser, batch, gen, args, device, train_text)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the loss became {loss.item()} at step {step + 1}; lower "
-                                    "--learning-rate or use --mixed-precision bf16/no")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro += 1
-        losses.append(loss.detach().float().item())
-        if not accelerator.sync_gradients:
-            continue
-        if not accelerator.optimizer_step_was_skipped:
-            schedule.step()
-        step, done = step + 1, done + 1
-        value = sum(losses) / len(losses)
-        losses.clear()
-        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
-        progress.update(1)
-        progress.set_postfix(loss=f"{smoothed:.4g}", lr=f"{schedule.get_last_lr()[0]:.3g}")
-        if step % args.checkpointing_steps == 0 and step < args.max_steps:
-            save_state()
-        if args.validation_prompt and step % args.validation_steps == 0:
-            if accelerator.is_main_process:
-                _validate(model, params, args, step, validation, weight_dtype, device)
-            accelerator.wait_for_everyone()
-        if step >= args.max_steps:
-            break
-    progress.close()
-    wall = time.perf_counter() - started
-
-    # 6. the file
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_lora(model, out, ADAPTER, dtype=_DTYPES[args.save_precision], steps=step,
+        save_lora(model, out, ADAPTER, dtype=weight_dtype(settings.save_precision), steps=summary.step,
                   resolution=resolution, base_model_path=base_path,
-                  extra={"learning_rate": args.learning_rate, "batch_size": args.batch_size,
-                         "gradient_accumulation_steps": accum,
-                         "processes": accelerator.num_processes,
-                         "targets": ",".join(unet_targets + text_targets),
-                         "ss_learning_rate": args.learning_rate,
-                         "ss_num_train_images": n_train,
-                         "ss_num_reg_images": len(examples) - n_train,
-                         "ss_prior_loss_weight": args.prior_loss_weight})
-        rate = f", {done / wall:.2f} steps/s" if done and wall > 0 else ""
-        last = f", loss {smoothed:.4g}" if smoothed is not None else ""
-        print(f"trained {step} steps ({done} in this run, {wall:.1f} s{rate}{last}); wrote {out}")
-    accelerator.end_training()
+                  extra=_file_facts(settings, engine, targets, n_train, len(examples) - n_train))
+        print(f"{summary}; wrote {out}")
+    engine.accelerator.end_training()
+    return summary
+
+
+def _file_facts(settings: LoraSettings, engine: Engine, targets, n_train: int, n_reg: int) -> dict:
+    """The run's settings in the file's metadata (kohya's ``ss_`` names where they exist)."""
+    return {"learning_rate": settings.learning_rate, "batch_size": settings.batch_size,
+            "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+            "processes": engine.accelerator.num_processes, "targets": ",".join(targets[0] + targets[1]),
+            "ss_learning_rate": settings.learning_rate, "ss_num_train_images": n_train,
+            "ss_num_reg_images": n_reg, "ss_prior_loss_weight": settings.prior_loss_weight}

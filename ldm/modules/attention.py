@@ -7,14 +7,15 @@ reference that the other two are tested against. The math path (and SDPA when on
 kernel is allowed) works through the queries in chunks, so no N×N score matrix larger than
 ``MAX_SCORES`` elements is ever held at high resolution.
 
-Inference-only speed-ups, switched on by :mod:`ldm.speed` and exact up to float rounding: q/k/v
-weights stored in one buffer so self-attention projects with one matmul (``fuse_projections``), and
-the text keys/values computed once per sampling run instead of once per step (``kv_cache``).
+One extension point: :attr:`CrossAttention.projections`, None for the plain q/k/v projections;
+:mod:`ldm.speed` puts a strategy there that computes them faster at inference (one fused matmul,
+the text keys/values kept for a sampling run).
 """
 from __future__ import annotations
 
 import math
 import warnings
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -121,9 +122,13 @@ def pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return conv(x)
 
 
-def _plain(*layers: nn.Module) -> bool:
-    # exactly nn.Linear: a peft LoRA layer wrapping one (which LoRA files target) must be called
-    return all(type(layer) is nn.Linear for layer in layers)
+class Projections(Protocol):
+    """Computes a :class:`CrossAttention` layer's (q, k, v) in place of its separate projections:
+    the same function (up to float rounding), computed another way. Installed in its
+    ``projections``; ``context`` is None for self-attention."""
+
+    def __call__(self, layer: CrossAttention, x: torch.Tensor, context: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 class CrossAttention(nn.Module):
@@ -140,88 +145,20 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
         self.attention_backend = "sdpa"
-        self.fused: torch.Tensor | None = None  # flat [q | k | v] weights, see fuse_projections
-        self.kv_cache: list | None = None  # [context, k, v] while a cache is open, see ldm.speed
-
-    # -------------------------------------------------------------- fused projections
-    @torch.no_grad()
-    def fuse_projections(self) -> bool:
-        """Store the q, k and v weights in one flat buffer (the parameters become views into it, so
-        state-dict keys, values and memory use stay as they are) and project with one matmul.
-        Refused (False) when a LoRA layer wraps one of the projections."""
-        if not _plain(self.to_q, self.to_k, self.to_v):
-            return False
-        if self._fused_views(True) is not None or self._fused_views(False) is not None:
-            return True
-        weights = [self.to_q.weight, self.to_k.weight, self.to_v.weight]
-        flat = torch.cat([w.detach().reshape(-1) for w in weights])
-        start = 0
-        for w in weights:
-            w.data = flat[start:start + w.numel()].view_as(w)
-            start += w.numel()
-        self.fused = flat
-        return True
-
-    @torch.no_grad()
-    def unfuse_projections(self) -> None:
-        """Give each projection its own storage again."""
-        if self.fused is not None:
-            for layer in (self.to_q, self.to_k, self.to_v):
-                base = getattr(layer, "base_layer", layer)  # also under a LoRA wrapper
-                if base.weight.untyped_storage().data_ptr() == self.fused.untyped_storage().data_ptr():
-                    base.weight.data = base.weight.detach().clone()
-            self.fused = None
-
-    def _fused_views(self, self_attention: bool) -> torch.Tensor | None:
-        """The fused (3·inner, dim) qkv weight, or the (2·inner, context_dim) kv weight, when the
-        projections are still plain layers whose weights are views into ``self.fused``; None when
-        anything has replaced them since (a LoRA wrapper, ``.to()``, ``load_state_dict(assign=True)``),
-        and whenever gradients would have to reach the separate parameters."""
-        flat = self.fused
-        if flat is None or not _plain(self.to_q, self.to_k, self.to_v):
-            return None
-        q, k, v = self.to_q.weight, self.to_k.weight, self.to_v.weight
-        if (torch.is_grad_enabled() and q.requires_grad) or q.device != flat.device or q.dtype != flat.dtype:
-            return None
-        if not torch.compiler.is_compiling():  # (data pointers cannot be traced; checked when eager)
-            base, size = flat.data_ptr(), flat.element_size()
-            if (q.data_ptr() != base or k.data_ptr() != base + q.numel() * size
-                    or v.data_ptr() != base + (q.numel() + k.numel()) * size):
-                return None
-        if self_attention:
-            if q.shape[1] != k.shape[1]:
-                return None
-            return flat.view(-1, q.shape[1])
-        return flat[q.numel():].view(-1, k.shape[1])
-
-    def _keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = self.kv_cache
-        if cache and cache[0] is context:
-            return cache[1], cache[2]
-        kv = self._fused_views(False)
-        if kv is not None:
-            k, v = F.linear(context, kv).chunk(2, dim=-1)
-        else:
-            k, v = self.to_k(context), self.to_v(context)
-        if cache is not None and not torch.compiler.is_compiling():
-            cache[:] = [context, k, v]
-        return k, v
+        # how q, k and v are computed instead of by to_q/to_k/to_v (ldm.speed installs one)
+        self.projections: Projections | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        qkv = self._fused_views(True) if context is None else None
-        if qkv is not None:
-            q, k, v = F.linear(x, qkv).chunk(3, dim=-1)
-        elif context is None:
-            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        if self.projections is not None:
+            q, k, v = self.projections(self, x, context)
         else:
-            q = self.to_q(x)
-            k, v = self._keys_values(context)
+            source = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
         b, h = x.shape[0], self.heads
         q, k, v = (t.reshape(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
         out = attention(q, k, v, self.attention_backend)
         out = out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3])
-        out = self.to_out[0](out)
-        return self.to_out[1](out) if self.training else out
+        return self.to_out(out)
 
 
 class GEGLU(nn.Module):
@@ -247,9 +184,7 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return self.net(x)
-        return self.net[2](self.net[0](x))  # dropout is the identity in eval mode
+        return self.net(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -265,17 +200,21 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.gradient_checkpointing = False
 
-    def _forward(self, x: torch.Tensor, context: torch.Tensor, copies: int = 1) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        if copies > 1:  # x stands for `copies` identical batches; the text makes them differ from here
-            x = torch.cat([x] * copies)
+    def self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn1(self.norm1(x)) + x
+
+    def text_attention_and_mlp(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The rest of the block, from the first use of the text on."""
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, copies: int = 1) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.text_attention_and_mlp(self.self_attention(x), context)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, context, copies, use_reentrant=False)
-        return self._forward(x, context, copies)
+            return checkpoint(self._forward, x, context, use_reentrant=False)
+        return self._forward(x, context)
 
 
 class SpatialTransformer(nn.Module):
@@ -299,25 +238,27 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, copies: int = 1) -> torch.Tensor:
-        """``copies`` > 1: ``x`` holds one of ``copies`` identical batches whose text conditioning
-        (``context``, ``copies`` times as many rows) differs; the output has all of them."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokens_in(x)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return self.tokens_out(tokens, x)
+
+    def tokens_in(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised, projected feature map as tokens: (b, c, h, w) → (b, h·w, inner)."""
         b, _, h, w = x.shape
-        residual = x
         x = self.norm(x)
         if not self.use_linear:
             x = pointwise(self.proj_in, x)
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # b (h w) c; a view when channels-last
+        return self.proj_in(x) if self.use_linear else x
+
+    def tokens_out(self, tokens: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Tokens projected back to a feature map shaped and laid out like ``residual``, plus it."""
+        b, _, h, w = residual.shape
         if self.use_linear:
-            x = self.proj_in(x)
-        for block in self.transformer_blocks:
-            x = block(x, context, copies)
-            copies, b = 1, x.shape[0]
-        if residual.shape[0] != b:
-            residual = torch.cat([residual] * (b // residual.shape[0]))  # cat keeps the layout
-        if self.use_linear:
-            x = self.proj_out(x)
-        x = x.view(b, h, w, -1).permute(0, 3, 1, 2)  # a channels-last view
+            tokens = self.proj_out(tokens)
+        x = tokens.view(b, h, w, -1).permute(0, 3, 1, 2)  # a channels-last view
         if not residual.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous()
         if not self.use_linear:

@@ -1,7 +1,14 @@
 """Inference speed and memory switches for a :class:`ldm.model.LatentDiffusion`.
 
-Every switch computes the same function (up to float rounding) and leaves the checkpoint keys as
-they are, so parity tests hold with any of them on:
+How they attach: the architecture (``ldm.modules``) declares two extension points, each a plain
+attribute that defaults to None (the plain path) and takes a strategy object from this package —
+``UNetModel.runner`` (:class:`~ldm.speed.runner.UNetRunner`: how the UNet is walked) and
+``CrossAttention.projections`` (:class:`~ldm.speed.projections.FastProjections`: how q, k and v
+are computed). Both are named by protocols in the modules that call them. :func:`apply_speed`
+installs or removes them and records the options in force in the model's ``speed`` field;
+:func:`sampling_scope` opens the per-run caches they keep. Nothing else of the model is touched:
+the checkpoint keys and the modules stay as they are, and every switch computes the same function
+(up to float rounding), so parity tests hold with any of them on:
 
 - ``fused_qkv``: each attention layer keeps its q/k/v weights in one buffer (the parameters become
   views into it) and self-attention projects with a single matmul; the text keys and values of
@@ -12,9 +19,9 @@ they are, so parity tests hold with any of them on:
   tensor-core kernels are fastest there; the SpatialTransformer then needs no layout copies).
 - ``text_kv_cache``: during one sampling run the text keys/values of every cross-attention layer
   are computed at the first step and reused (the text conditioning does not change between steps).
-- ``shared_cfg_prefix``: the sampling loop gives the UNet the latents once with the [uncond, cond]
-  text, so the layers before the first cross-attention run once instead of twice (see
-  ``UNetModel.run``).
+- ``shared_cfg_prefix``: the sampling loop gives the model the latents once with the [uncond, cond]
+  text, and the layers before the UNet's first cross-attention run once instead of twice (without
+  it, ``LatentDiffusion.apply_model`` repeats the latents).
 - ``cpu_prepack``: on the CPU, each UNet convolution's weight is reordered into oneDNN's blocked
   layout once per sampling run and input shape (PyTorch's eager convolution reorders it on every
   call; inductor's "freezing" does the same prepacking). Per run, so weights changed between runs
@@ -34,13 +41,13 @@ codes a batch sample by sample when its activations would exceed ``AutoencoderKL
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
-from .modules.attention import CrossAttention
+from .projections import set_projections, text_kv_caches
+from .runner import UNetRunner, prepack_available
 
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -99,126 +106,57 @@ def as_speed_options(value) -> SpeedOptions:
     raise ValueError(f"speed must be a SpeedOptions, a dict of its fields or None, got {type(value).__name__}")
 
 
-def _attention_layers(module: nn.Module) -> list[CrossAttention]:
-    return [m for m in module.modules() if isinstance(m, CrossAttention)]
-
-
-def fuse_qkv(module: nn.Module, enabled: bool = True) -> int:
-    """Fuse (or unfuse) the q/k/v projections of every attention layer in ``module``; returns how
-    many layers are fused. Layers whose projections a LoRA wraps are skipped with a warning (LoRA
-    targets ``to_q``/``to_k``/``to_v``; fusing would bypass it)."""
-    layers = _attention_layers(module)
-    if not enabled:
-        for layer in layers:
-            layer.unfuse_projections()
-        return 0
-    fused = sum(layer.fuse_projections() for layer in layers)
-    if fused < len(layers):
-        warnings.warn(f"fused_qkv: {len(layers) - fused} attention layers hold LoRA layers and stay "
-                      "unfused", stacklevel=2)
-    return fused
-
-
 def set_channels_last(model: nn.Module, enabled: bool = True) -> None:
-    """Convert the UNet's and autoencoder's 4-D weights to (or back from) NHWC, and make them take
-    and return ordinary NCHW tensors around an NHWC interior."""
+    """Convert the UNet's and autoencoder's 4-D weights to (or back from) NHWC, and make the
+    autoencoder take and return ordinary NCHW tensors around an NHWC interior (the UNet's runner
+    does the same for the UNet)."""
     fmt = torch.channels_last if enabled else torch.contiguous_format
     for part in (model.model.diffusion_model, model.first_stage_model):
         with torch.no_grad():
             part.to(memory_format=fmt)
-        part.channels_last = enabled
+    model.first_stage_model.channels_last = enabled
 
 
 def is_compiled(unet: nn.Module) -> bool:
     return getattr(unet, "_compiled_call_impl", None) is not None
 
 
-class CudaGraphUNet:
-    """Replays a CUDA graph of ``unet.run`` captured once per input signature (shapes, dtypes,
-    device) and model structure. Inputs are copied into the graph's static tensors; the output is
-    copied out, since the next replay overwrites it."""
+def _check_device(options: SpeedOptions, device: torch.device) -> None:
+    if options.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"SpeedOptions.cuda_graphs needs the model on a CUDA device; it is on {device}")
+    if options.sdpa_kernel in ("efficient", "cudnn") and device.type != "cuda":
+        raise ValueError(f"SpeedOptions.sdpa_kernel={options.sdpa_kernel!r} is a CUDA kernel; the model "
+                         f"is on {device} (there: None, 'flash' or 'math')")
 
-    def __init__(self, unet: nn.Module, warmup: int = 2):
-        self.unet = unet
-        self.warmup = warmup
-        self.graphs: dict = {}
-        self.run_structure: tuple | None = None  # fixed for the length of a sampling run
 
-    def begin_run(self) -> None:
-        """Check the model's structure once for a sampling run instead of on every step (the
-        walk over all parameters costs ~1 ms for SD's UNet)."""
-        self.run_structure = self._structure()
-
-    def end_run(self) -> None:
-        self.run_structure = None
-
-    def _structure(self) -> tuple:
-        # a LoRA wrapper or a swapped parameter changes what the graph would have to run
-        return tuple((id(m), id(p), p.data_ptr()) for m in self.unet.modules()
-                     for p in m.parameters(recurse=False))
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            return self.unet.run(x, t, context)
-        t = (t[None] if t.dim() == 0 else t).expand(x.shape[0])
-        key = (tuple(x.shape), x.dtype, t.dtype, tuple(context.shape), context.dtype, x.device,
-               torch.is_inference_mode_enabled())
-        structure = self.run_structure if self.run_structure is not None else self._structure()
-        entry = self.graphs.get(key)
-        if entry is None or entry[0] != structure:
-            entry = self.graphs[key] = (structure, *self._capture(x, t, context))
-        _, graph, static, out = entry
-        for dst, src in zip(static, (x, t, context)):
-            dst.copy_(src)
-        graph.replay()
-        return out.clone()
-
-    def _capture(self, x, t, context):
-        static = (x.clone(), t.clone(), context.clone())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph: lazy inits, cuDNN autotuning
-            for _ in range(self.warmup):
-                self.unet.run(*static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.unet.run(*static)
-        return graph, static, out
-
-    def reset(self) -> None:
-        self.graphs.clear()
+def _runner(options: SpeedOptions) -> UNetRunner | None:
+    """The UNet's runner for these options; None where the plain forward computes the same."""
+    graphs = options.cuda_graphs and not options.compile  # with compile: inductor's own graphs
+    if not (options.channels_last or options.shared_cfg_prefix or graphs):
+        return None
+    return UNetRunner(channels_last=options.channels_last, cuda_graphs=graphs)
 
 
 def apply_speed(model: nn.Module, options: SpeedOptions | dict | None = None,
                 device: torch.device | str | None = None) -> SpeedOptions:
     """Switch ``model`` (a LatentDiffusion, already in its dtype) to ``options``; ``device`` is
     where it runs (default: where its weights are; offloading keeps them in CPU memory for a GPU).
-    Returns the options in force; calling it again with other options switches over."""
+    Returns the options in force (also kept in ``model.speed``); calling it again with other
+    options switches over."""
     options = as_speed_options(options)
     unet = model.model.diffusion_model
     device = torch.device(device) if device is not None else next(unet.parameters()).device
-    if options.cuda_graphs and device.type != "cuda":
-        raise ValueError(f"SpeedOptions.cuda_graphs needs the model on a CUDA device; it is on {device}")
-    if options.sdpa_kernel in ("efficient", "cudnn") and device.type != "cuda":
-        raise ValueError(f"SpeedOptions.sdpa_kernel={options.sdpa_kernel!r} is a CUDA kernel; the model "
-                         f"is on {device} (there: None, 'flash' or 'math')")
-    fuse_qkv(model, options.fused_qkv)
+    _check_device(options, device)
+    set_projections(model, options.fused_qkv, options.text_kv_cache)
     set_channels_last(model, options.channels_last)
-    unet.text_kv_cache = options.text_kv_cache
-    unet.cpu_prepack = options.cpu_prepack
-    unet.sdpa_kernel = options.sdpa_kernel
-    unet.graphed = None
+    unet.runner = _runner(options)
     if options.compile:
         mode = options.compile_mode
         if options.cuda_graphs:
             mode = "reduce-overhead"  # inductor's own CUDA graphs
         unet.compile(dynamic=False, mode=mode, backend=options.compile_backend)
-    else:
-        if is_compiled(unet):
-            unet._compiled_call_impl = None  # back to eager
-        if options.cuda_graphs:
-            unet.graphed = CudaGraphUNet(unet)
+    elif is_compiled(unet):
+        unet._compiled_call_impl = None  # back to eager
     model.speed = options
     return options
 
@@ -241,50 +179,35 @@ class SamplingRun:
             torch.compiler.cudagraph_mark_step_begin()
 
 
+def _cpu_prepackable(unet: nn.Module, runner: UNetRunner) -> bool:
+    p = next(unet.parameters())
+    return (p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
+            and runner.channels_last and prepack_available(p.dtype))
+
+
 @contextlib.contextmanager
 def sampling_scope(model: nn.Module):
     """Around one sampling run (many UNet calls on the same conditioning): the SDPA kernel choice
-    and, in eager mode, the per-run cache of the text keys/values. Yields a :class:`SamplingRun`."""
-    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    and, in eager mode, the per-run caches (text keys/values, prepacked convolutions). Yields a
+    :class:`SamplingRun`."""
+    options = getattr(model, "speed", None)
+    if options is None:  # the plain model (or not a LatentDiffusion): nothing to switch
+        yield SamplingRun()
+        return
+    unet = model.model.diffusion_model
+    runner = unet.runner
+    graphs = runner.graphs if runner is not None else None
+    # graphs and compiled code bake the projections in; the caches are for eager runs only
+    eager = graphs is None and not is_compiled(unet)
     with contextlib.ExitStack() as stack:
-        if unet is None:  # not a LatentDiffusion: nothing to switch
-            yield SamplingRun()
-            return
-        kernel = getattr(unet, "sdpa_kernel", None)
-        if kernel is not None:
+        if options.sdpa_kernel is not None:
             from torch.nn.attention import sdpa_kernel
 
-            stack.enter_context(sdpa_kernel(_sdpa_backends(kernel)))
-        layers, convs = [], []
-        # graphs and compiled code bake the projections in; the caches are for eager runs only
-        eager = unet.graphed is None and not is_compiled(unet)
-        if eager and getattr(unet, "text_kv_cache", False):
-            layers = _attention_layers(unet)
-            for layer in layers:
-                layer.kv_cache = []
-        if eager and getattr(unet, "cpu_prepack", False) and _cpu_prepackable(unet):
-            convs = [m for m in unet.modules() if type(m) is nn.Conv2d and m.kernel_size != (1, 1)
-                     and m.padding_mode == "zeros"]
-            for layer in convs:
-                layer.prepacked = {}
-        graphed = unet.graphed
-        if graphed is not None:
-            graphed.begin_run()
-        speed = getattr(model, "speed", None)
-        try:
-            yield SamplingRun(bool(speed and speed.compile and speed.cuda_graphs))
-        finally:
-            if graphed is not None:
-                graphed.end_run()
-            for layer in layers:
-                layer.kv_cache = None
-            for layer in convs:
-                del layer.prepacked
-
-
-def _cpu_prepackable(unet: nn.Module) -> bool:
-    from .modules.unet import prepack_available
-
-    p = next(unet.parameters())
-    return (p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
-            and getattr(unet, "channels_last", False) and prepack_available(p.dtype))
+            stack.enter_context(sdpa_kernel(_sdpa_backends(options.sdpa_kernel)))
+        if eager and options.text_kv_cache:
+            stack.enter_context(text_kv_caches(unet))
+        if eager and options.cpu_prepack and runner is not None and _cpu_prepackable(unet, runner):
+            stack.enter_context(runner.prepacking())
+        if graphs is not None:
+            stack.enter_context(graphs.sampling_run(unet))
+        yield SamplingRun(options.compile and options.cuda_graphs)

@@ -1,15 +1,11 @@
-"""Single-file checkpoints: the memory-mapped safetensors reader and streaming writer (checked
-against the safetensors library), weights-only pickles, strict key checks, EMA, config resolution,
-save round trips converted by diffusers' own converters, hashing, and every error path."""
+"""Single-file checkpoints: weights-only pickles, strict key checks, EMA, config resolution, save
+round trips converted by diffusers' own converters, and every error path of loading. (The file
+reader and writer themselves: test_weights_io.)"""
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
-import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -19,9 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ldm import checkpoint as ckpt_mod
-from ldm.checkpoint import (CheckpointError, LoadInfo, file_hash, load_model, read_state_dict,
-                            save_checkpoint, write_safetensors)
-from ldm.model import LatentDiffusion
+from ldm import weights_io
+from ldm.checkpoint import load_model, save_checkpoint
+from ldm.model import LatentDiffusion, LoadInfo
+from ldm.weights_io import read_state_dict
+from tests.ldm.test_weights_io import error_line
 from reference.models import diffusers_unet, diffusers_vae, randomize_
 from reference.tiny import tiny_config, tiny_tree
 
@@ -46,88 +44,11 @@ def _write(tmp_path: Path, sd: dict, name: str = "model.safetensors", kind: str 
     return path
 
 
-def _error(fn, *args, **kwargs) -> str:
-    with pytest.raises(CheckpointError) as info:
-        fn(*args, **kwargs)
-    text = str(info.value)
-    assert "\n" not in text, text
-    return text
-
-
 def _ddpm_alphas_cumprod() -> torch.Tensor:
     """SD's schedule from an independent implementation (diffusers' scaled_linear)."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
-
-
-# ----------------------------------------------------------------------------- safetensors I/O
-
-def test_reader_maps_the_file_without_copying(tmp_path):
-    gen = torch.Generator().manual_seed(0)
-    tensors = {
-        "f16": torch.randn(3, 5, generator=gen).half(), "bf16": torch.randn(7, generator=gen).bfloat16(),
-        "f32": torch.randn(2, 3, 4, generator=gen), "f64": torch.randn(3, generator=gen).double(),
-        "i64": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32),
-        "i16": torch.arange(3, dtype=torch.int16), "i8": torch.arange(-2, 2, dtype=torch.int8),
-        "u8": torch.arange(4, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
-        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
-    }
-    path = _write(tmp_path, tensors)
-    got = read_state_dict(path)
-    assert got.keys() == tensors.keys()
-    for k, v in tensors.items():
-        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
-    # every tensor is a view into one storage spanning the whole file: a memory map, no copies
-    storages = {t.untyped_storage().data_ptr() for t in got.values()}
-    assert len(storages) == 1
-    assert got["f32"].untyped_storage().nbytes() == path.stat().st_size
-    maps = Path("/proc/self/maps")
-    if maps.exists():
-        assert str(path) in maps.read_text()
-
-
-def test_reader_copies_only_misaligned_tensors(tmp_path):
-    header = {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
-              "b": {"dtype": "F32", "shape": [2], "data_offsets": [2, 10]}}
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    data = bytes([7, 9]) + torch.tensor([1.5, -2.0]).numpy().tobytes()
-    path = tmp_path / "odd.safetensors"
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
-    got = read_state_dict(path)
-    assert got["a"].tolist() == [7, 9] and got["b"].tolist() == [1.5, -2.0]
-
-
-def test_writer_streams_a_file_the_safetensors_library_reads(tmp_path):
-    gen = torch.Generator().manual_seed(1)
-    tensors = {"odd_half": torch.randn(3, generator=gen).half(), "wide": torch.randn(5, 2, generator=gen),
-               "ids": torch.arange(3), "flag": torch.tensor([True]), "b16": torch.randn(2).bfloat16()}
-    produced = []
-
-    def produce(name):
-        produced.append(name)
-        return tensors[name]
-
-    path = tmp_path / "w.safetensors"
-    write_safetensors(path, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, produce,
-                      {"note": "hello"})
-    assert sorted(produced) == sorted(tensors)  # each produced exactly once
-    with safe_open(str(path), "pt") as f:
-        assert f.metadata() == {"note": "hello"}
-        for k, v in tensors.items():
-            assert torch.equal(f.get_tensor(k), v), k
-    n = int.from_bytes(path.read_bytes()[:8], "little")
-    header = json.loads(path.read_bytes()[8:8 + n])
-    assert n % 8 == 0
-    for k, info in header.items():
-        if k != "__metadata__":
-            assert info["data_offsets"][0] % tensors[k].dtype.itemsize == 0, k
-    with pytest.raises(ValueError, match="announced"):
-        write_safetensors(tmp_path / "bad.safetensors", {"x": (torch.float32, (2,))},
-                          lambda k: torch.zeros(3))
-    assert not (tmp_path / "bad.safetensors").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 # --------------------------------------------------------------------------------- bad input
@@ -163,19 +84,19 @@ def _corrupt_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
 def test_unreadable_files_give_one_line_naming_the_file(tmp_path):
     for label, (path, expected) in _corrupt_files(tmp_path).items():
-        text = _error(read_state_dict, path)
+        text = error_line(read_state_dict, path)
         assert text.startswith(f"{path}: ") and expected in text, (label, text)
-        assert _error(load_model, path).startswith(f"{path}: "), label
+        assert error_line(load_model, path).startswith(f"{path}: "), label
 
 
 def test_unrelated_tensors_are_not_a_checkpoint(tmp_path):
     path = _write(tmp_path, {"encoder.layer.0.weight": torch.ones(2, 2)})
-    assert _error(load_model, path) == \
+    assert error_line(load_model, path) == \
         f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* keys)"
 
 
 def test_folder_and_bad_arguments(tmp_path):
-    assert "is a folder" in _error(read_state_dict, tmp_path)
+    assert "is a folder" in error_line(read_state_dict, tmp_path)
     path = _write(tmp_path, _state(), kind="sd1")
     with pytest.raises(ValueError, match="prediction"):
         load_model(path, prediction="x0")
@@ -210,7 +131,7 @@ def test_pickle_with_code_is_refused(tmp_path, payload):
     path = tmp_path / "unsafe.ckpt"
     torch.save({"state_dict": _state(), "extra": payload()}, path)
     _EXECUTED.clear()
-    text = _error(load_model, path, tiny_config("sd1"))
+    text = error_line(load_model, path, tiny_config("sd1"))
     assert "not plain tensors" in text and "refused for safety" in text
     assert _EXECUTED == []  # nothing in the file was run
 
@@ -234,26 +155,26 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     dropped = "first_stage_model.decoder.conv_out.bias"
     del sd[dropped]
     sd["model.diffusion_model.extra_block.weight"] = torch.ones(1)
-    text = _error(load_model, _write(tmp_path, sd), tiny_config("sd1"))
+    text = error_line(load_model, _write(tmp_path, sd), tiny_config("sd1"))
     assert f"1 missing keys ({dropped})" in text
     assert "1 unexpected keys (model.diffusion_model.extra_block.weight)" in text
 
     many = {k: v for k, v in _state().items() if not k.startswith("first_stage_model.")}
-    text = _error(load_model, _write(tmp_path, many, "many.safetensors"), tiny_config("sd1"))
+    text = error_line(load_model, _write(tmp_path, many, "many.safetensors"), tiny_config("sd1"))
     n = sum(k.startswith("first_stage_model.") for k in _state())
     assert f"{n} missing keys (first_stage_model." in text and f"... {n - 5} more" in text
 
 
 def test_wrong_config_reports_shapes_and_the_detected_family(tmp_path):
     path = _write(tmp_path, _state("sd1"))
-    text = _error(load_model, path, tiny_config("sd1-inpaint"))
+    text = error_line(load_model, path, tiny_config("sd1-inpaint"))
     assert ("model.diffusion_model.input_blocks.0.0.weight: file [32, 4, 3, 3] vs model [32, 9, 3, 3]"
             in text)
     assert "looks like sd1: config v1-inference" in text
     # a full-size built-in config on a tiny file: detection picked it, the message says how to fix it
-    text = _error(load_model, path)
+    text = error_line(load_model, path)
     assert "shape mismatches" in text and "pass a config or put model.yaml next to the file" in text
-    text = _error(load_model, path, "v1-inference")
+    text = error_line(load_model, path, "v1-inference")
     assert "shape mismatches" in text
 
 
@@ -271,9 +192,9 @@ def test_harmless_extras_are_dropped_and_the_schedule_is_checked(tmp_path):
 
     linear = DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
     bad = _write(tmp_path, {**_state(), "betas": linear.betas}, "bad.safetensors")
-    assert "betas does not match the config's noise schedule" in _error(load_model, bad, tiny_config("sd1"))
+    assert "betas does not match the config's noise schedule" in error_line(load_model, bad, tiny_config("sd1"))
     short = _write(tmp_path, {**_state(), "alphas_cumprod": torch.ones(10)}, "short.safetensors")
-    assert "1000 steps" in _error(load_model, short, tiny_config("sd1"))
+    assert "1000 steps" in error_line(load_model, short, tiny_config("sd1"))
 
 
 def _with_ema(sd: dict, seed: int = 5) -> dict:
@@ -299,10 +220,10 @@ def test_ema_weights(tmp_path):
         assert torch.equal(plain.state_dict()[k], sd[k]), k
 
     no_ema = _write(tmp_path, _state(), "plain.safetensors", kind="sd1")
-    assert "no EMA weights" in _error(load_model, no_ema, use_ema=True)
+    assert "no EMA weights" in error_line(load_model, no_ema, use_ema=True)
     partial = {k: v for k, v in sd.items() if k != "model_ema.diffusion_modelout2bias"}
     partial_path = _write(tmp_path, partial, "partial.safetensors", kind="sd1")
-    text = _error(load_model, partial_path, use_ema=True)
+    text = error_line(load_model, partial_path, use_ema=True)
     assert "EMA weights incomplete" in text and "model.diffusion_model.out.2.bias" in text
 
 
@@ -366,7 +287,7 @@ def test_cast_gives_back_the_mapped_pages(tmp_path):
     size_kb = path.stat().st_size // 1024
     results = {}
     for release in (False, True):
-        sd, mapped = ckpt_mod._read(path)
+        sd, mapped = weights_io.read_weights(path)
         weights = ckpt_mod.prepare_state_dict(sd, model, model.config, path=path, dtype=torch.float32,
                                               release=mapped.release if release else None)
         results[release] = _mapped_rss_kb(path)
@@ -379,7 +300,7 @@ def test_cast_gives_back_the_mapped_pages(tmp_path):
     # while casting: the resident part of the mapping stays near one tensor, not the whole file
     big = _write(tmp_path, {f"t{i}": torch.full((1 << 20,), float(i)).half() for i in range(8)},
                  "big.safetensors")
-    sd, mapped = ckpt_mod._read(big)
+    sd, mapped = weights_io.read_weights(big)
     peaks = []
     for v in sd.values():
         v.float()
@@ -418,13 +339,11 @@ def test_diffusers_folder_dispatch(tmp_path, monkeypatch):
         made.source = None
         return made
 
-    module = types.ModuleType("ldm.diffusers_folder")
-    module.load_diffusers_folder = fake_loader
-    monkeypatch.setitem(sys.modules, "ldm.diffusers_folder", module)
+    monkeypatch.setattr(ckpt_mod, "load_diffusers_folder", fake_loader)
     model = load_model(tmp_path, dtype=torch.float16)
     assert calls == [(tmp_path, torch.float16, "cpu")]
     assert model.source.config_source == "diffusers folder" and model.source.name == tmp_path.name
-    assert "diffusers folder" in _error(load_model, tmp_path, "v1-inference")
+    assert "diffusers folder" in error_line(load_model, tmp_path, "v1-inference")
     made.source = None
 
 
@@ -457,7 +376,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def refuse(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_mod.os, "replace", refuse)
+    monkeypatch.setattr(weights_io.os, "replace", refuse)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(_model("sd1"), path)
     assert path.read_bytes() == b"previous contents"
@@ -484,24 +403,6 @@ def test_saved_file_converts_with_diffusers(tmp_path, kind):
                                    unet(x, t, encoder_hidden_states=context).sample, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(ours.first_stage_model.decode(x), vae.decode(x).sample,
                                    atol=1e-4, rtol=1e-4)
-
-
-# ------------------------------------------------------------------------------------- hashing
-
-def test_file_hash(tmp_path, monkeypatch):
-    path = tmp_path / "h.bin"
-    path.write_bytes(os.urandom(5_000_000))
-    assert file_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()
-
-    def no_reading(*args, **kwargs):
-        raise AssertionError("the cached hash should be used")
-
-    monkeypatch.setattr(ckpt_mod, "open", no_reading, raising=False)
-    assert file_hash(str(path)) == hashlib.sha256(path.read_bytes()).hexdigest()
-    monkeypatch.undo()
-    path.write_bytes(b"changed")
-    assert file_hash(path) == hashlib.sha256(b"changed").hexdigest()
-    assert "cannot read" in _error(file_hash, tmp_path / "absent.bin")
 
 
 # ------------------------------------------------------------------------------ GPU and benchmark

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from ldm.config import builtin_config
-from ldm.detect import CONTEXT_KEY, INPUT_KEY, V_PROBE_KEY, CheckpointError, Detection, detect
+from ldm.detect import CONTEXT_KEY, INPUT_KEY, V_PROBE_KEY, Detection, detect
+from ldm.weights_io import CheckpointError
 from ldm.model import LatentDiffusion
 from reference.tiny import tiny_config, tiny_tree
 

@@ -129,6 +129,22 @@ def test_scale_zero_is_bit_identical_to_the_base(model, sd1, tmp_path):
     assert list(model.state_dict()) == list(sd1.state_dict())
 
 
+def test_lora_state_is_read_without_being_created(model, tmp_path):
+    fresh = random_tiny_model("sd1", seed=4)
+    assert fresh.lora is None
+    assert L.lora_info(fresh) == [] and L.lora_adapters(fresh) == {}
+    assert not L.has_lora(fresh) and not L.is_fused(fresh)
+    assert fresh.lora is None  # reading created nothing
+    path = make_lora(model, tmp_path / "a.safetensors")
+    L.apply_lora(model, path, scale=0.5, name="a")
+    assert L.has_lora(model) and isinstance(model.lora, L.LoraState)
+    assert L.lora_info(model) == [{"name": "a", "scale": 0.5, "source": str(path), "trainable": False}]
+    copied = copy.deepcopy(model)  # the state travels with the model
+    assert L.lora_adapters(copied) == {"a": 0.5}
+    L.remove_lora(model)
+    assert not L.has_lora(model) and L.has_lora(copied)
+
+
 def test_two_loras_at_once_add_their_deltas(model, tmp_path):
     a = make_lora(model, tmp_path / "a.safetensors", seed=1)
     b = make_lora(model, tmp_path / "b.safetensors", seed=2, rank=2, alpha=None,
@@ -290,7 +306,8 @@ def test_missing_alpha_means_scale_one(model, tmp_path):
 
 
 def test_saved_file_is_kohya_with_metadata(model, tmp_path):
-    from ldm.checkpoint import file_hash, save_checkpoint
+    from ldm.checkpoint import save_checkpoint
+    from ldm.weights_io import file_hash
 
     base = tmp_path / "base.safetensors"
     save_checkpoint(model, base)

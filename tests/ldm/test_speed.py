@@ -15,7 +15,8 @@ import torch
 
 from ldm.modules import attention as attention_mod
 from ldm.modules.attention import CrossAttention, attention
-from ldm.speed import SpeedOptions, apply_speed, fuse_qkv, sampling_scope
+from ldm.speed import SpeedOptions, apply_speed, sampling_scope
+from ldm.speed.projections import fuse_qkv
 from tests.ldm.test_parity import TOL, check_close, unet_inputs
 from reference.models import diffusers_unet, diffusers_vae, max_error, random_tiny_model
 from reference.tiny import tiny_tree
@@ -63,8 +64,10 @@ def test_unet_and_vae_match_diffusers_with_each_switch(pair, switch):
         with sampling_scope(model):  # the caches live for one sampling run: call twice in it
             first = model.apply_model(x, t, context, concat)
             second = model.apply_model(x, t, context, concat)
-            packed = [m for m in model.modules() if m.__dict__.get("prepacked")]
-            cached = [m for m in model.modules() if getattr(m, "kv_cache", None)]
+            runner = model.model.diffusion_model.runner
+            packed = [w for w in (runner.prepacked or {}).values() if w] if runner else []
+            cached = [m for m in model.modules() if isinstance(m, CrossAttention)
+                      and m.projections is not None and m.projections.cache]
         # the switch really took its path
         assert bool(packed) == SWITCHES[switch].cpu_prepack
         assert bool(cached) == SWITCHES[switch].text_kv_cache
@@ -102,6 +105,76 @@ def test_classifier_free_guidance_batches_share_the_prefix(pair):
     assert max_error(shared[:2], shared[2:])[0] > 100 * TOL
 
 
+# --------------------------------------------------------------------------- extension points
+def _slots(model):
+    unet = model.model.diffusion_model
+    return unet.runner, [m.projections for m in model.modules() if isinstance(m, CrossAttention)]
+
+
+def test_speed_attaches_through_the_declared_slots_and_comes_off_again():
+    from ldm.speed.projections import FastProjections
+    from ldm.speed.runner import UNetRunner
+
+    model = random_tiny_model("sd1")
+    layers = len(_slots(model)[1])
+    assert model.speed is None and _slots(model) == (None, [None] * layers)
+    assert apply_speed(model, SpeedOptions()) == model.speed == SpeedOptions()
+    runner, projections = _slots(model)
+    assert isinstance(runner, UNetRunner) and runner.channels_last and runner.graphs is None
+    assert all(isinstance(p, FastProjections) and p.fused is not None for p in projections)
+    apply_speed(model, OFF)  # the plain model again: nothing installed, weights in their own storage
+    assert model.speed == OFF and _slots(model) == (None, [None] * layers)
+    layer = model.model.diffusion_model.middle_block[1].transformer_blocks[0].attn1
+    ptrs = {layer.to_q.weight.untyped_storage().data_ptr(), layer.to_k.weight.untyped_storage().data_ptr()}
+    assert len(ptrs) == 2
+    apply_speed(model, OFF.replace(text_kv_cache=True))  # caches need the slot, not the fusion
+    runner, projections = _slots(model)
+    assert runner is None and all(p is not None and p.fused is None for p in projections)
+
+
+def test_the_unet_calls_its_runner_and_a_switchless_runner_is_the_plain_forward():
+    from ldm.speed.runner import UNetRunner
+
+    model = random_tiny_model("sd1-inpaint")
+    unet = model.model.diffusion_model
+    x, context, concat = unet_inputs(model, 2, 8, 12)
+    x = torch.cat([x, concat], dim=1)
+    t = torch.tensor([10, 900])
+    calls = []
+
+    class Recording(UNetRunner):
+        def __call__(self, unet, x, timesteps, context):
+            calls.append(x.shape)
+            return super().__call__(unet, x, timesteps, context)
+
+    with torch.no_grad():
+        plain = unet(x, t, context)
+        unet.runner = Recording()
+        walked = unet(x, t, context)
+        # k contexts per sample: the same as the repeated batch, plain or shared
+        doubled = torch.cat([context, context.flip(0)])
+        shared = unet(x, t, doubled)
+        unet.runner = None
+        repeated = unet(torch.cat([x, x]), torch.cat([t, t]), doubled)
+    assert calls == [x.shape, x.shape]
+    assert torch.equal(walked, plain)
+    check_close("shared prefix in the runner", shared, repeated)
+
+
+def test_apply_model_repeats_for_guidance_unless_the_prefix_is_shared():
+    model = random_tiny_model("sd1")
+    x, context, _ = unet_inputs(model, 2, 8, 8)
+    doubled = torch.cat([context, torch.randn(context.shape, generator=torch.Generator().manual_seed(2))])
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        plain = model.apply_model(x, t, doubled)  # no speed applied: the plain UNet on 2× the batch
+        assert torch.equal(plain, model.model.diffusion_model(torch.cat([x, x]), torch.cat([t, t]), doubled))
+        with pytest.raises(ValueError, match="not a multiple"):
+            model.apply_model(x, t, doubled[:3])
+        apply_speed(model, SpeedOptions())
+        check_close("shared prefix", model.apply_model(x, t, doubled), plain)
+
+
 # ------------------------------------------------------------------------------ fused projections
 def test_fused_qkv_shares_storage_and_follows_weight_edits():
     model = random_tiny_model("sd1")
@@ -109,15 +182,16 @@ def test_fused_qkv_shares_storage_and_follows_weight_edits():
     assert fuse_qkv(model) == len([m for m in model.modules() if isinstance(m, CrossAttention)])
     layer = model.model.diffusion_model.middle_block[1].transformer_blocks[0].attn1
     ptrs = {layer.to_q.weight.data_ptr(), layer.to_k.weight.data_ptr(), layer.to_v.weight.data_ptr()}
-    assert layer.to_q.weight.untyped_storage().data_ptr() == layer.fused.untyped_storage().data_ptr()
+    fused_buffer = layer.projections.fused
+    assert layer.to_q.weight.untyped_storage().data_ptr() == fused_buffer.untyped_storage().data_ptr()
     assert len(ptrs) == 3 and sum(p.numel() for p in model.parameters()) == before
     x = torch.randn(2, 16, layer.to_q.in_features)
     with torch.no_grad():
-        assert layer._fused_views(True) is not None
+        assert layer.projections.fused_weight(layer, True) is not None
         layer.to_k.weight.mul_(2)  # an in-place edit (as a fused LoRA makes) reaches the fused matmul
         fused = layer(x)
         fuse_qkv(model, False)
-        assert layer.fused is None
+        assert layer.projections.fused is None
         assert max_error(fused, layer(x))[0] < 1e-6
 
 
@@ -136,7 +210,7 @@ def test_fused_qkv_steps_aside_for_lora_casts_and_gradients():
     # a cast replaces the parameter data: the fused buffer no longer backs them, so it is not used
     half = copy.deepcopy(layer).to(torch.float64)
     with torch.no_grad():
-        assert half._fused_views(True) is None
+        assert half.projections.fused_weight(half, True) is None
         assert max_error(half(x.double()), layer(x))[0] < 1e-5
     # a LoRA wraps to_q/to_k/to_v: the layer runs them (with the LoRA), and re-fusing is refused
     with torch.no_grad():
@@ -146,14 +220,14 @@ def test_fused_qkv_steps_aside_for_lora_casts_and_gradients():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_()
-        assert layer._fused_views(True) is None
+        assert layer.projections.fused_weight(layer, True) is None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fuse_qkv(model)
         assert any("LoRA" in str(w.message) for w in caught)
         with_lora = layer(x)
         unfused = copy.deepcopy(layer)
-        unfused.fused = None
+        unfused.projections = None
         assert max_error(with_lora, unfused(x))[0] < 1e-6
         assert max_error(with_lora, before)[0] > 1e-3  # the LoRA is applied, not bypassed
 
@@ -169,10 +243,10 @@ def test_text_kv_cache_lives_for_one_run_and_checks_the_context():
         expected = model.apply_model(x, t, other)
         with sampling_scope(model):
             model.apply_model(x, t, context)
-            assert any(layer.kv_cache for layer in layers)
+            assert any(layer.projections.cache for layer in layers)
             # another context object is not served from the cache
             assert max_error(model.apply_model(x, t, other), expected)[0] < 1e-6
-        assert all(layer.kv_cache is None for layer in layers)
+        assert all(layer.projections.cache is None for layer in layers)
 
 
 # ------------------------------------------------------------------------------------- memory
@@ -241,13 +315,14 @@ def test_speed_options_are_checked():
 def test_offload_hooks_chain_text_unet_autoencoder():
     """On the CPU the moves are no-ops, but the chain (who sends whom back) and the results are
     those of the CUDA mode: each stage offloads the one before, the text encoder the autoencoder."""
-    from pipelines.offload import disable_model_offload, enable_model_offload
+    from pipelines.offload import disable_model_offload, enable_model_offload, offload_hooks
 
     model = random_tiny_model("sd1")
     x, context, _ = unet_inputs(model, 1, 8, 8)
     with torch.inference_mode():
         expected = model.apply_model(x, torch.tensor([3]), context)
     text, unet, vae = enable_model_offload(model, "cpu")
+    assert offload_hooks(model) == [text, unet, vae]
     assert text.hook.prev_module_hook is vae and unet.hook.prev_module_hook is text
     assert vae.hook.prev_module_hook is unet
     order = []
@@ -262,7 +337,7 @@ def test_offload_hooks_chain_text_unet_autoencoder():
     assert order == ["text", "unet", "vae", "vae"]
     assert max_error(out, expected)[0] == 0
     disable_model_offload(model)
-    assert "offload_hooks" not in model.__dict__
+    assert offload_hooks(model) == []
 
 
 # ------------------------------------------------------------------------------------ compile
@@ -331,7 +406,7 @@ def test_fp16_parity_on_cuda_with_each_switch(pair, switch):
 def test_cuda_graphs_replay_new_inputs_and_recapture_on_structure_change():
     model = random_tiny_model("sd1").to("cuda", torch.float16)
     apply_speed(model, OFF.replace(cuda_graphs=True))
-    runner = model.model.diffusion_model.graphed
+    runner = model.model.diffusion_model.runner.graphs
     x, context, _ = unet_inputs(model, 1, 8, 8)
     x, context = x.to("cuda", torch.float16), context.to("cuda", torch.float16)
     eager = copy.deepcopy(model)

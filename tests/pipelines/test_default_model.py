@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipelines.pipeline import DEFAULT_CHECKPOINT, Pipeline
-from pipelines.shapes import COLOURS, PALETTE, Caption, analyze, nearest_colour, sample_spec, \
+from training.shapes import COLOURS, PALETTE, Caption, analyze, nearest_colour, sample_spec, \
     training_pairs
 
 SAMPLING = dict(progress=False)  # the pipeline's defaults, as a user gets them
@@ -108,7 +108,7 @@ def test_inpainting_draws_inside_the_mask_and_keeps_every_pixel_outside(pipe):
 
 def test_ldm_txt2img_uses_the_default_model_out_of_the_box(tmp_path):
     out = tmp_path / "circle.png"
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "txt2img",
+    done = subprocess.run([sys.executable, "-m", "cli", "txt2img",
                            "a red circle on a blue background", "-o", str(out), "--seed", "42"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -10,7 +10,7 @@ from PIL import Image
 
 from ldm import lora as L
 from pipelines.pipeline import Pipeline
-from reference import pipelines as diffusers_pipes as dp
+from reference import pipelines as dp
 from reference.tiny import tiny_tree
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -152,7 +152,7 @@ def checkpoint(tmp_path_factory, side):
 
 
 def cli(argv, capsys):
-    from pipelines.cli import main
+    from cli.main import main
 
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -177,7 +177,7 @@ def test_cli_lora_option_matches_the_python_api(side, checkpoint, tmp_path, caps
     assert np.array_equal(_u8(written), _u8(expected))
     assert_far(written, Image.open(tmp_path / "base.png"))
     params = parse_parameters(read_parameters(tmp_path / "lora.png"))
-    from ldm.lora_formats import lora_file_hash
+    from ldm.weights_io import lora_file_hash
 
     assert params["Lora hashes"] == f"my-style: {lora_file_hash(path)}"
     assert params["Lora scales"] == "my-style: 0.5"

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+import pipelines.latents as latents_module
 import pipelines.pipeline as pipeline_module
 from pipelines.pipeline import DefaultModelMissing, GenerationResult, Pipeline, resolve_dtype
-from reference import pipelines as diffusers_pipes as dp
+from reference import pipelines as dp
 
 FAST = dict(num_inference_steps=3, guidance_scale=5.0, progress=False)
 
@@ -136,7 +137,7 @@ def test_vae_tiling_switches_on_above_the_threshold(pipe, monkeypatch):
     original = vae.decode
     monkeypatch.setattr(vae, "decode", lambda z: (seen.append(vae.tiling), original(z))[1])
     pipe.txt2img("a cat", seed=1, height=16, width=16, **FAST)
-    monkeypatch.setattr(pipeline_module, "AUTO_TILING_PIXELS", 8)
+    monkeypatch.setattr(latents_module, "AUTO_TILING_PIXELS", 8)
     pipe.txt2img("a cat", seed=1, height=16, width=16, **FAST)
     assert seen == [False, True] and vae.tiling is False
     pipe.enable_vae_tiling()

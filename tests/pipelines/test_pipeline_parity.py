@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipelines.pipeline import Pipeline
-from reference import pipelines as diffusers_pipes as dp
+from reference import pipelines as dp
 from reference.tiny import tiny_tree
 
 SEED = 7

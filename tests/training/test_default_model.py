@@ -17,7 +17,8 @@ from ldm.config import load_config
 from ldm.model import LatentDiffusion
 from training.default_model import clip, common, unet, vae
 from training.default_model.cli import main
-from training.default_model.common import RecipeError, Settings
+from training.default_model.common import Settings
+from training.engine import TrainingError, find_resume
 
 SMOKE = dict(steps=2, batch_size=2, warmup=1, save_every=1, quiet=True, cpu=True)
 
@@ -140,11 +141,11 @@ def test_vae_loss_falls():
 
 
 def test_shape_region_weights_cover_the_shape_and_its_margin_only():
-    from pipelines.shapes import ShapeSpec
-    from training.shapes_data import image_to_tensor
+    from training.shapes import ShapeSpec
+    from training.shapes.datasets import render_tensor
 
     spec = ShapeSpec("red", "square", "blue", "small", "in the center", side=16, dx=0, dy=0)
-    image = image_to_tensor(spec.render())[None]
+    image = render_tensor(spec)[None]
     w = vae.shape_region_weights(image, 10.0, margin=3)[0, 0]
     inside = (image[0] - image[0, :, :1, :1]).abs().amax(0) > 0.1  # pixels unlike the corner
     ys, xs = inside.nonzero(as_tuple=True)
@@ -283,10 +284,10 @@ def test_learning_rate_schedule():
 
 
 def test_resume_and_missing_inputs_give_clear_errors(tmp_path, capsys):
-    with pytest.raises(RecipeError, match="no checkpoint"):
-        common.find_checkpoint(tmp_path, "latest")
-    with pytest.raises(RecipeError, match="not a checkpoint folder"):
-        common.find_checkpoint(tmp_path, str(tmp_path))
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        find_resume(tmp_path / "checkpoints", "latest")
+    with pytest.raises(TrainingError, match="not a training state folder"):
+        find_resume(tmp_path / "checkpoints", str(tmp_path))
     code = main(["unet", "--out", str(tmp_path), "--steps", "1", "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
@@ -300,7 +301,7 @@ def test_resume_and_missing_inputs_give_clear_errors(tmp_path, capsys):
 def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path):
     opts = vae.VAEOptions(eval_images=2, scale_images=2)
     vae.run(_settings(tmp_path, steps=1), opts)
-    with pytest.raises(RecipeError, match="--resume latest"):
+    with pytest.raises(TrainingError, match="--resume latest"):
         vae.run(_settings(tmp_path, steps=1), opts)
 
 

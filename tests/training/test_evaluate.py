@@ -8,7 +8,7 @@ import torch
 from ldm.checkpoint import save_checkpoint
 from ldm.config import load_config
 from ldm.model import LatentDiffusion
-from pipelines.shapes import COLOURS, HELD_OUT, parse_caption, spec_for_caption
+from training.shapes import COLOURS, HELD_OUT, parse_caption, spec_for_caption
 from training.default_model import evaluate
 from training.default_model.cli import main
 from training.default_model.common import CONFIG_PATH

@@ -15,8 +15,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipelines.cli import main
-from pipelines.shapes import sample_spec
+from cli.main import main
+from training.shapes import sample_spec
 from reference.tiny import tiny_tree
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +75,8 @@ def read(path: Path) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------- a training run
 
 def test_training_writes_a_kohya_lora_that_applies(files, tmp_path, capsys):
-    from ldm.checkpoint import file_hash, load_model
+    from ldm.checkpoint import load_model
+    from ldm.weights_io import file_hash
     from ldm.lora import apply_lora, lora_adapters
 
     out = tmp_path / "ring.safetensors"
@@ -161,24 +162,23 @@ def test_state_limit_and_resume_paths(files, tmp_path, capsys):
 def test_regularisation_images_are_weighted_by_the_prior_loss_weight(files, tmp_path):
     """Each sample's loss is multiplied by its weight before the batch mean (kohya's
     prior_loss_weight): checked against the per-sample losses of the same draw."""
-    from types import SimpleNamespace
-
     from ldm.model import LatentDiffusion
     from reference.models import randomize_
     from reference.tiny import tiny_config
-    from training.lora_loop import Denoiser, micro_batch_loss
+    from training.lora import Denoiser, LoraLoss, LoraSettings
 
     model = randomize_(LatentDiffusion(tiny_config("sd1")), seed=1).eval()
     denoiser = Denoiser(model)
-    args = SimpleNamespace(noise_offset=0.0, min_snr_gamma=None)
+    settings = LoraSettings(data=files["data"], output=tmp_path / "unused.safetensors",
+                            noise_offset=0.0, min_snr_gamma=None)
+    lora_loss = LoraLoss(model, settings, "cpu", train_text=False)
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1
 
     def loss(weights):
         batch = {"pixels": pixels, "caption": ["a red ring", "a blue square"],
                  "weight": torch.tensor(weights)}
         with torch.no_grad():
-            return micro_batch_loss(model, denoiser, batch, torch.Generator().manual_seed(3), args,
-                                    "cpu", False).item()
+            return lora_loss(denoiser, batch, torch.Generator().manual_seed(3)).item()
 
     first, second = 2 * loss([1.0, 0.0]), 2 * loss([0.0, 1.0])
     assert first > 0 and second > 0 and abs(first - second) > 1e-6
@@ -297,12 +297,12 @@ def test_help_is_the_training_parser(capsys):
 
 @pytest.mark.slow
 def test_two_processes_through_accelerate_launch(files, tmp_path):
-    """``accelerate launch --multi_gpu --num_processes 2 -m training.lora --cpu``: torchrun-style
+    """``accelerate launch --multi_gpu --num_processes 2 -m cli train-lora --cpu``: torchrun-style
     processes joined over gloo (Accelerate's own ``--cpu`` launcher starts only one process)."""
     out = tmp_path / "ddp.safetensors"
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "training.lora", "--cpu", "--data", str(files["data"]),
+           "--dynamo_backend", "no", "-m", "cli", "train-lora", "--cpu", "--data", str(files["data"]),
            "--checkpoint", str(files["sd1"]), "--output", str(out), "--resolution", "16",
            "--batch-size", "2", "--max-steps", "3", "--checkpointing-steps", "2", "-q"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

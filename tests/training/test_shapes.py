@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import shapes
-from pipelines.shapes import (HELD_OUT, PALETTE, SHAPES, Caption, ShapeSpec, analyze, parse_caption,
+from training import shapes
+from training.shapes import (HELD_OUT, PALETTE, SHAPES, Caption, ShapeSpec, analyze, parse_caption,
                               sample_spec, spec_for_caption, training_example)
 
 ATTRIBUTES = ("colour", "shape", "background", "size", "position")
@@ -159,3 +159,20 @@ def test_spec_for_caption_fills_in_unmentioned_attributes():
         assert analyze(spec.render()).matches("a large orange circle") == \
             {"colour": True, "shape": True, "size": True}
     assert len(backgrounds) > 3 and "orange" not in backgrounds
+
+
+def test_renderer_and_analyzer_need_no_torch():
+    """The world, its captions, renderer and analyzer run on numpy and Pillow alone; only the
+    datasets module (imported on its own) needs torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\nimport training.shapes\nfrom training.shapes import analyze, sample_spec\n"
+            "import random\nanalyze(sample_spec(random.Random(0)).render())\n"
+            "print('torch' in sys.modules)\n")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

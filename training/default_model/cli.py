@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..engine import TrainingError
 from .common import CONFIG_PATH, RecipeError, Settings
 
 STAGES = ("vae", "clip", "unet", "assemble", "evaluate", "all")
@@ -165,7 +166,7 @@ def _evaluate(args) -> None:
                                 scheduler=args.scheduler, cli=not args.no_cli)
     out = args.out / "evaluate"
     out.mkdir(parents=True, exist_ok=True)
-    from ldm.checkpoint import CheckpointError
+    from ldm.weights_io import CheckpointError
     from pipelines.pipeline import DefaultModelMissing
 
     try:
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             _run_all(args)
         else:
             _run_stage(args.stage, args)
-    except (RecipeError, ConfigError, _EvaluateErrors) as exc:
+    except (TrainingError, ConfigError, _EvaluateErrors) as exc:  # RecipeError is one
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":  # once per distributed run

@@ -20,11 +20,11 @@ from torch import nn
 
 from ldm.config import TextEncoderConfig
 from ldm.modules.text import EOT, FrozenCLIPEmbedder, tokenize
-from pipelines.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Caption, ShapeSpec, training_caption
+from training.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Caption, ShapeSpec, training_caption
 
-from ..shapes_data import ShapeImages, render_batch
-from .common import RecipeError, Settings, load_weights, make_accelerator, model_config, require, \
-    save_weights, train, write_json
+from ..shapes.datasets import ShapeImages, render_batch
+from .common import RecipeError, Settings, fit, load_weights, model_config, require, save_weights, \
+    stage_engine, write_json
 
 STAGE = "clip"
 DEFAULTS = dict(steps=2000, batch_size=128, lr=5e-4, warmup=200, save_every=500, weight_decay=0.01)
@@ -154,10 +154,9 @@ def run(settings: Settings, opts: CLIPOptions | None = None) -> dict:
         raise RecipeError(f"--text-layers {opts.text_layers}: the model config conditions on "
                           f"{conditioning.layers} blocks, so the tower needs at least that many")
     cfg = dataclasses.replace(conditioning, layers=opts.text_layers)
-    accelerator = make_accelerator(settings)
-    from accelerate.utils import set_seed
-
-    set_seed(settings.seed)
+    engine = stage_engine(settings, STAGE)
+    accelerator = engine.accelerator
+    engine.seed()
     model = ShapesCLIP(cfg)
     tokenize(cfg, [""])  # build the tokenizer once, before timing starts
     dataset = ShapeImages(settings.steps * settings.batch_size * accelerator.num_processes,
@@ -167,7 +166,7 @@ def run(settings: Settings, opts: CLIPOptions | None = None) -> dict:
         tokens = tokenize(cfg, batch["caption"]).to(batch["image"].device)
         return contrastive_loss(m(batch["image"], tokens), batch["caption"])
 
-    model = train(settings, STAGE, model, dataset, step, accelerator)
+    fit(engine, settings, model, dataset, step)
     stats = {}
     if accelerator.is_main_process:
         seed = settings.seed + EVAL_SEED_OFFSET

@@ -1,9 +1,9 @@
 """Evaluation of a shapes model (by default the shipped one) against the default model's bars.
 
-Every figure comes from generated pixels read back by :func:`pipelines.shapes.analyze`, with the
+Every figure comes from generated pixels read back by :func:`training.shapes.analyze`, with the
 pipeline's default sampler settings unless told otherwise:
 
-* txt2img, trained combinations and held-out combinations (:data:`pipelines.shapes.HELD_OUT`):
+* txt2img, trained combinations and held-out combinations (:data:`training.shapes.HELD_OUT`):
   accuracy of shape colour, shape, background, and size/position over the prompts that name them;
 * autoencoder reconstruction PSNR on fresh renders, and the shape the analyzer reads in them;
 * img2img: a rendered scene re-prompted with another shape colour at strength 0.75;
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.shapes import COLOURS, HELD_OUT, PALETTE, POSITIONS, SIZES, Caption, analyze, \
+from training.shapes import COLOURS, HELD_OUT, PALETTE, POSITIONS, SIZES, Caption, analyze, \
     is_held_out, nearest_colour, sample_spec, training_pairs
 
 from .vae import EVAL_SEED_OFFSET
@@ -152,7 +152,7 @@ def _seconds_per_image(pipe, opts: EvalOptions, repeats: int = 5) -> float:
 
 
 def _cli_seconds(opts: EvalOptions, out_dir: Path) -> float:
-    command = [sys.executable, "-m", "pipelines.cli", "txt2img", "a red circle on a blue background",
+    command = [sys.executable, "-m", "cli", "txt2img", "a red circle on a blue background",
                "-o", str(out_dir / "cli.png"), "--seed", "0"]
     if opts.checkpoint is not None:
         command += ["--checkpoint", str(opts.checkpoint)]
@@ -174,7 +174,7 @@ def _clip_scorer(pipe):
 
     import torch
 
-    from training.shapes_data import image_to_tensor
+    from pipelines.preprocess import image_to_tensor
 
     from .clip import clip_score, load_clip
 
@@ -182,7 +182,7 @@ def _clip_scorer(pipe):
     model = load_clip(text, path)
 
     def score(images, captions):
-        batch = torch.stack([image_to_tensor(im) for im in images])
+        batch = torch.stack([image_to_tensor(im, im.height, im.width)[0] for im in images])
         return clip_score(model, batch, captions).tolist()
 
     return score

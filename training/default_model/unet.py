@@ -13,17 +13,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ldm.model import Prediction, make_betas
+from ldm.model import posterior_latents
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.text import tokenize
 from ldm.modules.unet import ResBlock, UNetModel
-from pipelines.shapes import training_example
-
-from ..shapes_data import LatentCaptions, example_seed, render_batch
+from ..shapes import training_example
+from ..shapes.datasets import LatentCaptions, example_seed, render_batch
 from . import clip as clip_stage
 from . import vae as vae_stage
-from .common import EMA, Settings, load_weights, make_accelerator, model_config, save_weights, train, \
-    write_json
+from ..engine import EMA
+from ..loss import DiffusionLoss, draw_noise, draw_timesteps, randn
+from .common import Settings, fit, load_weights, model_config, save_weights, stage_engine, write_json
 
 STAGE = "unet"
 DEFAULTS = dict(steps=8000, batch_size=64, lr=3e-4, warmup=500, save_every=1000)
@@ -94,9 +94,8 @@ def run(settings: Settings, opts: UNetOptions | None = None) -> dict:
     opts = opts or UNetOptions()
     settings.check()
     cfg = model_config(settings)
-    accelerator = make_accelerator(settings)
-    from accelerate.utils import set_seed
-
+    engine = stage_engine(settings, STAGE)
+    accelerator = engine.accelerator
     _, scale_factor = vae_stage.load_trained(settings)
     contexts = CaptionContexts(clip_stage.load_text_encoder(settings))
     if accelerator.is_main_process:
@@ -109,29 +108,21 @@ def run(settings: Settings, opts: UNetOptions | None = None) -> dict:
                              settings.steps * settings.batch_size * accelerator.num_processes,
                              settings.seed)
 
-    set_seed(settings.seed)
+    engine.seed()
     unet = zero_init_(UNetModel(cfg.unet))
     ema = EMA(unet, opts.ema_decay)
-    alphas_cumprod = torch.cumprod(1 - make_betas(cfg), 0).float()
-    prediction = Prediction(cfg.parameterization)
+    diffusion = DiffusionLoss.for_config(cfg)
 
     def step(model, batch, gen):
         mean = batch["mean"]
-
-        def randn():  # drawn on the CPU generator, as diffusers' randn_tensor does
-            return torch.randn(mean.shape, generator=gen).to(mean.device)
-
-        z = (mean + batch["std"] * randn()) * scale_factor
+        z = posterior_latents(mean, batch["std"], randn(mean.shape, gen, mean.device), scale_factor)
         drop = (torch.rand(len(z), generator=gen) < opts.caption_dropout).tolist()
         context = contexts(["" if d else c for d, c in zip(drop, batch["caption"])], z.device)
-        t = torch.randint(0, cfg.timesteps, (len(z),), generator=gen).to(z.device)
-        noise = randn()
-        ac = alphas_cumprod.to(z.device)[t].view(-1, 1, 1, 1)
-        a, s = ac.sqrt(), (1 - ac).sqrt()
-        out = model(a * z + s * noise, t, context)
-        return (out.float() - prediction.target(z, noise, a, s)).pow(2).mean()
+        t = draw_timesteps(len(z), cfg.timesteps, gen, z.device)
+        x_t, target = diffusion.noised(z, t, draw_noise(mean.shape, gen, z.device))
+        return diffusion(model(x_t, t, context), target, t)
 
-    unet = train(settings, STAGE, unet, dataset, step, accelerator, ema=ema)
+    fit(engine, settings, unet, dataset, step, ema=ema)
     stats = {}
     if accelerator.is_main_process:
         out = settings.out / STAGE

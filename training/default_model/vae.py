@@ -17,9 +17,8 @@ import torch
 
 from ldm.modules.autoencoder import AutoencoderKL
 
-from ..shapes_data import ShapeImages, render_batch
-from .common import Settings, load_weights, make_accelerator, model_config, save_weights, train, \
-    write_json
+from ..shapes.datasets import ShapeImages, render_batch
+from .common import Settings, fit, load_weights, model_config, save_weights, stage_engine, write_json
 
 STAGE = "vae"
 # bf16 autocast: 1.8x faster steps on CPUs with AMX (and on GPUs); weights and evaluation stay fp32
@@ -83,16 +82,16 @@ def reconstruction_figures(model: AutoencoderKL, count: int, seed: int, batch: i
     mean PSNR (``psnr_db``) and, per shape, the share the analyzer reads as the same shape
     (``shape_<name>``, ``shape_all``). PSNR alone hides blunt triangle corners, which turn into
     circles for the analyzer."""
-    from pipelines.shapes import SHAPES, analyze
+    from pipelines.preprocess import to_uint8
 
-    from ..shapes_data import tensor_to_uint8
+    from ..shapes import SHAPES, analyze
 
     model.eval()
     device = next(model.parameters()).device
     psnr, hits = [], {s: [0, 0] for s in SHAPES}
     for start in range(0, count, batch):
         images, specs = render_batch(seed, start, min(batch, count - start))
-        recon8 = tensor_to_uint8(model.decode(model.encode(images.to(device)).mode()))  # as saved
+        recon8 = to_uint8(model.decode(model.encode(images.to(device)).mode()))  # as saved
         mse = (torch.from_numpy(recon8).permute(0, 3, 1, 2) / 255.0 - (images + 1) / 2)
         psnr += (10 * torch.log10(1 / mse.pow(2).flatten(1).mean(1).clamp_min(1e-10))).tolist()
         for arr, spec in zip(recon8, specs):
@@ -129,17 +128,16 @@ def run(settings: Settings, opts: VAEOptions | None = None) -> dict:
     opts = opts or VAEOptions()
     settings.check()
     cfg = model_config(settings).autoencoder
-    accelerator = make_accelerator(settings)
-    from accelerate.utils import set_seed
-
-    set_seed(settings.seed)
+    engine = stage_engine(settings, STAGE)
+    accelerator = engine.accelerator
+    engine.seed()
     model = AutoencoderKL(cfg)
     dataset = ShapeImages(settings.steps * settings.batch_size * accelerator.num_processes, settings.seed)
 
     def step(m, batch, gen):
         return vae_loss(m, batch["image"], opts, gen)
 
-    model = train(settings, STAGE, model, dataset, step, accelerator)
+    fit(engine, settings, model, dataset, step)
     stats = {}
     if accelerator.is_main_process:
         stats = {"steps": settings.steps,

@@ -1,17 +1,19 @@
-"""Datasets of the procedural shapes world for training the default model from scratch.
+"""Torch datasets of the procedural shapes world for training the default model from scratch.
 
 Every example is a pure function of (seed, index), so a run resumed from a checkpoint sees exactly
 the batches it would have seen, and no two processes of a distributed run share an example.
+Images go through :func:`pipelines.preprocess.image_to_tensor`, the pipeline's own conversion.
 """
 from __future__ import annotations
 
 import random
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipelines.shapes import ShapeSpec, training_caption, training_example
+from pipelines.preprocess import image_to_tensor
+
+from .scenes import ShapeSpec, training_caption, training_example
 
 
 def example_seed(seed: int, index: int) -> int:
@@ -19,16 +21,10 @@ def example_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
-def image_to_tensor(image) -> torch.Tensor:
-    """PIL RGB → float (3, H, W) in [-1, 1], the autoencoder's input range."""
-    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return arr.permute(0, 2, 3, 1).cpu().numpy()
+def render_tensor(spec: ShapeSpec) -> torch.Tensor:
+    """A scene as the autoencoder's input: float (3, 64, 64) in [-1, 1]."""
+    image = spec.render()
+    return image_to_tensor(image, image.height, image.width)[0]
 
 
 class ShapeImages(Dataset):
@@ -44,13 +40,13 @@ class ShapeImages(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         spec, caption = training_example(example_seed(self.seed, index))
-        return {"image": image_to_tensor(spec.render()), "caption": caption}
+        return {"image": render_tensor(spec), "caption": caption}
 
 
 def render_batch(seed: int, start: int, count: int) -> tuple[torch.Tensor, list[ShapeSpec]]:
     """Images (count, 3, 64, 64) and specs of the training examples start … start+count-1."""
     specs = [training_example(example_seed(seed, i))[0] for i in range(start, start + count)]
-    return torch.stack([image_to_tensor(s.render()) for s in specs]), specs
+    return torch.stack([render_tensor(s) for s in specs]), specs
 
 
 class LatentCaptions(Dataset):

@@ -1,0 +1,42 @@
+"""``ldm info`` on images and checkpoints."""
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from pipelines.images import format_parameters, parse_parameters, save_png
+from tests.cli.common import run
+
+
+def test_info_prints_stored_parameters(tmp_path, capsys):
+    params = dict(prompt='a "red" circle, big\nsecond line', negative_prompt="blurry, dark", steps=30,
+                  sampler="euler_a", cfg_scale=6.0, seed=1234567890123, width=64, height=48,
+                  model="tiny-shapes", model_hash="abcdef1234", strength=0.5, mode="img2img",
+                  clip_skip=1)
+    save_png(Image.new("RGB", (64, 48)), tmp_path / "p.png", params)
+    code, out, err = run(["info", tmp_path / "p.png"], capsys)
+    assert code == 0 and err == ""
+    assert out == format_parameters(params) + "\n"
+    assert "Sampler: Euler a" in out and "Clip skip: 2" in out
+    assert parse_parameters(out) == params
+    code, out, err = run(["info", tmp_path / "p.png", "--json"], capsys)
+    assert code == 0 and json.loads(out) == params
+
+
+def test_info_on_checkpoint(tiny, capsys):
+    from safetensors import safe_open
+
+    path = tiny / "tiny.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    code, out, err = run(["info", path], capsys)
+    assert code == 0, err
+    assert "family: sd1 (config v1-inference)" in out
+    assert f"keys:   {len(keys)}\n" in out
+    assert f"dtype:  float32 ({len(keys)} tensors)" in out
+    assert f"({path.stat().st_size} bytes)" in out
+    assert "  - " in out  # the detection rules that fired are listed
+    code, out, err = run(["info", path, "--json"], capsys)
+    info = json.loads(out)
+    assert info["family"].startswith("sd1") and info["keys"] == len(keys) and info["rules"]
