@@ -149,8 +149,6 @@ class Pipeline:
 
     def _lora_parameters(self) -> dict:
         """A1111's "Lora hashes" field, plus the scales, for the LoRAs in use."""
-        if self.model.lora is None:  # the model's declared LoRA state: no need to load the LoRA code
-            return {}
         from ldm.lora import lora_info
 
         used = [a for a in lora_info(self.model) if a["scale"] != 0]
