@@ -145,14 +145,13 @@ def _measure(load, t0: float | None, imports_s: float) -> dict:
     return result
 
 
-# Each loader's libraries are imported before its load is timed, so "load" is loading work alone
-# (load_model would otherwise import transformers' CLIP on first use); "total" counts everything.
+# Each loader's libraries are imported before its load is timed, so "load" is loading work alone;
+# "total" counts everything.
 
 def measure_ours(path, *, config=CONFIG, dtype=None, t0: float | None = None) -> dict:
     start = time.perf_counter()
     import accelerate  # noqa: F401
     import torch
-    from transformers import CLIPTextModel  # noqa: F401
 
     from ldm.checkpoint import load_model
     imports_s = time.perf_counter() - start

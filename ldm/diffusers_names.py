@@ -179,7 +179,8 @@ def text_module_map(text_encoder: nn.Module) -> dict[str, str]:
     """Our text-encoder module path → ``transformers.CLIPTextModel`` module path (transformers 5
     layout, without the ``text_model.`` prefix that older saved files carry).
 
-    SD1's tower *is* a CLIPTextModel held under ``transformer.text_model``. SD2's OpenCLIP tower maps
+    SD1's tower (:mod:`ldm.modules.clip_text`) has CLIPTextModel's module names under
+    ``transformer.text_model``, so the names carry over unchanged. SD2's OpenCLIP tower maps
     block by block; its fused attention input projection (``attn.in_proj_weight``) corresponds to
     ``self_attn.{q,k,v}_proj`` together, and the tower's own tensors (``positional_embedding``,
     ``text_projection``, ``logit_scale``) are parameters rather than modules and are not listed.

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from torch import nn
+
+from ldm.config import TextEncoderConfig
 from ldm.model import LatentDiffusion
 
 
@@ -72,6 +75,76 @@ def transformers_text_model(model: LatentDiffusion, state_dict: dict):
                  if k.startswith(("text_model.", "embeddings.", "encoder.", "final_layer_norm."))}
     hf.load_state_dict(converted, strict=True)
     return hf.eval()
+
+
+class TransformersCLIPEmbedder(nn.Module):
+    """SD1's text encoder as built before ``ldm.modules.clip_text``: transformers' ``CLIPTextModel``
+    under ``transformer.text_model`` (the same keys; built from the same seed, the same values)."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        self.config = cfg
+        hf_config = CLIPTextConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads, intermediate_size=int(cfg.width * cfg.mlp_ratio),
+            max_position_embeddings=cfg.max_length, hidden_act=cfg.act,
+            projection_dim=cfg.projection_dim, bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=cfg.pad_token_id)
+        self.transformer = nn.Module()
+        self.transformer.text_model = CLIPTextModel(hf_config)
+
+    def forward(self, tokens: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+        model = self.transformer.text_model
+        skip = self.config.skip_layers() + clip_skip
+        out = model(input_ids=tokens, output_hidden_states=skip > 0)
+        if skip == 0:
+            return out.last_hidden_state
+        return model.final_layer_norm(out.hidden_states[-1 - skip])
+
+
+class OpenCLIPBlocksEmbedder(nn.Module):
+    """SD2's text encoder as built before ``ldm.modules.openclip_text``: open_clip's own
+    ``Transformer`` and ``LayerNorm`` under ``model.*`` (the same keys; from the same seed, the same
+    values), conditioning on all blocks but the last ``skip_layers() + clip_skip``, then ln_final."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        from open_clip.transformer import LayerNorm, QuickGELU, Transformer
+
+        self.config = cfg
+        m = self.model = nn.Module()
+        m.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        m.positional_embedding = nn.Parameter(torch.empty(cfg.max_length, cfg.width))
+        m.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio,
+                                    act_layer=nn.GELU if cfg.act == "gelu" else QuickGELU,
+                                    norm_layer=LayerNorm, batch_first=True)
+        m.ln_final = LayerNorm(cfg.width)
+        m.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim))
+        m.logit_scale = nn.Parameter(torch.empty(()))
+        mask = torch.full((cfg.max_length, cfg.max_length), float("-inf")).triu_(1)
+        m.register_buffer("attn_mask", mask, persistent=False)
+        torch.nn.init.normal_(m.token_embedding.weight, std=0.02)
+        torch.nn.init.normal_(m.positional_embedding, std=0.01)
+        torch.nn.init.normal_(m.text_projection, std=cfg.width ** -0.5)
+        torch.nn.init.constant_(m.logit_scale, torch.log(torch.tensor(1 / 0.07)).item())
+
+    def forward(self, tokens: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+        m = self.model
+        n = tokens.shape[1]
+        x = m.token_embedding(tokens) + m.positional_embedding[:n].to(m.token_embedding.weight.dtype)
+        mask = m.attn_mask[:n, :n].to(x.dtype)
+        blocks = m.transformer.resblocks
+        for block in blocks[: len(blocks) - self.config.skip_layers() - clip_skip]:
+            x = block(x, attn_mask=mask)
+        return m.ln_final(x)
+
+
+def reference_text_encoder(cfg: TextEncoderConfig) -> nn.Module:
+    """The transformers / open_clip-built text encoder of ``cfg`` (what ``build_text_encoder`` is
+    compared against)."""
+    return TransformersCLIPEmbedder(cfg) if cfg.kind == "clip" else OpenCLIPBlocksEmbedder(cfg)
 
 
 def random_tiny_model(kind: str, seed: int = 0, scale: float = 0.5) -> LatentDiffusion:

@@ -1,8 +1,9 @@
 """Text conditioning: the CLIP BPE tokenizer and the two text towers of Stable Diffusion.
 
-SD1 uses OpenAI CLIP ViT-L/14's text model (``transformers.CLIPTextModel``) and conditions on its last
-hidden state. SD2 uses OpenCLIP ViT-H/14's text tower (blocks from ``open_clip``) and conditions on
-the penultimate block's output followed by ``ln_final``. Heavy packages are imported on use only.
+SD1 uses OpenAI CLIP ViT-L/14's text model (:mod:`.clip_text`, transformers' ``CLIPTextModel`` in
+plain torch) and conditions on its last hidden state. SD2 uses OpenCLIP ViT-H/14's text tower
+(:mod:`.openclip_text`) and conditions on the penultimate block's output followed by ``ln_final``.
+The towers import torch only; the tokenizer's packages are imported on use.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from ..config import TextEncoderConfig
+from .clip_text import CLIPTextTransformer
+from .openclip_text import OpenCLIPTextTower
 
 SOT, EOT = 49406, 49407
 
@@ -104,60 +107,13 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        from transformers import CLIPTextConfig, CLIPTextModel
-
         self.config = cfg
-        hf_config = CLIPTextConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.layers,
-            num_attention_heads=cfg.heads, intermediate_size=int(cfg.width * cfg.mlp_ratio),
-            max_position_embeddings=cfg.max_length, hidden_act=cfg.act,
-            projection_dim=cfg.projection_dim, bos_token_id=SOT, eos_token_id=EOT,
-            pad_token_id=cfg.pad_token_id)
-        self.transformer = _TextModelHolder(CLIPTextModel(hf_config))
+        self.transformer = _TextModelHolder(CLIPTextTransformer(cfg, eos_token_id=EOT))
 
     def forward(self, tokens: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
         """Token ids → (batch, tokens, width). ``clip_skip`` > 0 takes an earlier block's output
         and applies the final layer norm to it, as A1111 and diffusers do."""
-        model = self.transformer.text_model
-        skip = self.config.skip_layers() + clip_skip
-        out = model(input_ids=tokens, output_hidden_states=skip > 0)
-        if skip == 0:
-            return out.last_hidden_state
-        return model.final_layer_norm(out.hidden_states[-1 - skip])
-
-
-class OpenCLIPTextTower(nn.Module):
-    """OpenCLIP's text tower with CLIP's attribute names (the visual tower is not built)."""
-
-    def __init__(self, cfg: TextEncoderConfig):
-        super().__init__()
-        from open_clip.transformer import LayerNorm, Transformer
-
-        act = nn.GELU if cfg.act == "gelu" else _QuickGELU
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.max_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio,
-                                       act_layer=act, norm_layer=LayerNorm, batch_first=True)
-        self.ln_final = LayerNorm(cfg.width)
-        self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim))
-        self.logit_scale = nn.Parameter(torch.empty(()))
-        mask = torch.full((cfg.max_length, cfg.max_length), float("-inf")).triu_(1)
-        self.register_buffer("attn_mask", mask, persistent=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.positional_embedding.is_meta:
-            return
-        # open_clip's initialisation of the tensors it owns outside nn.Linear/LayerNorm
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
-        nn.init.constant_(self.logit_scale, torch.log(torch.tensor(1 / 0.07)).item())
-
-
-class _QuickGELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return self.transformer.text_model.encode(tokens, self.config.skip_layers() + clip_skip)
 
 
 class FrozenOpenCLIPEmbedder(nn.Module):
@@ -169,14 +125,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         self.model = OpenCLIPTextTower(cfg)
 
     def forward(self, tokens: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
-        m = self.model
-        n = tokens.shape[1]
-        x = m.token_embedding(tokens) + m.positional_embedding[:n].to(m.token_embedding.weight.dtype)
-        mask = m.attn_mask[:n, :n].to(x.dtype)
-        blocks = m.transformer.resblocks
-        for block in blocks[: len(blocks) - self.config.skip_layers() - clip_skip]:
-            x = block(x, attn_mask=mask)
-        return m.ln_final(x)
+        return self.model(tokens, self.config.skip_layers() + clip_skip)
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> nn.Module:

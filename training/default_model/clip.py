@@ -1,10 +1,12 @@
 """Stage 2: the text encoder, trained CLIP-style (Radford et al. 2021) against a small image tower.
 
-The text tower is our ``FrozenCLIPEmbedder`` (transformers' CLIPTextModel at small width, the real
-CLIP BPE tokenizer); as in CLIP its pooled output is the final hidden state at the end-of-text token,
-followed by a linear projection. Loss: symmetric cross-entropy over the batch's image–text similarity
-matrix with a learned temperature. Captions that occur twice in a batch count as matches of each
-other's images. The image tower, projection and temperature are kept for a CLIP score.
+The text tower is our ``FrozenCLIPEmbedder`` (CLIP's text transformer at small width, from
+``ldm.modules.clip_text``: it initialises and computes exactly as transformers' CLIPTextModel, which
+trained the shipped model; the real CLIP BPE tokenizer); as in CLIP its pooled output is the final
+hidden state at the end-of-text token, followed by a linear projection. Loss: symmetric
+cross-entropy over the batch's image–text similarity matrix with a learned temperature. Captions
+that occur twice in a batch count as matches of each other's images. The image tower, projection
+and temperature are kept for a CLIP score.
 """
 from __future__ import annotations
 
