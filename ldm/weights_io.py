@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import secrets
+import threading
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -20,7 +21,7 @@ import torch
 
 __all__ = ["CheckpointError", "DTYPE_NAMES", "SAFETENSORS_DTYPES", "parse_dtype", "MappedFile",
            "read_weights", "read_state_dict", "write_safetensors", "read_safetensors_metadata",
-           "file_hash", "lora_file_hash"]
+           "file_hash", "lora_file_hash", "hash_in_background", "hash_cache_path"]
 
 
 class CheckpointError(Exception):
@@ -283,30 +284,130 @@ def write_safetensors(path, specs: Mapping[str, tuple[torch.dtype, tuple[int, ..
 
 
 # -------------------------------------------------------------------------------------- hashing
+# A file's sha256 is computed once: kept per (path, size, mtime) in this process and in a JSON cache
+# file across processes (A1111 keeps such a cache too), and a checkpoint's hash can be computed in
+# a background thread while the checkpoint loads (hashlib and file reads release the GIL).
 
 _HASHES: dict[tuple[str, int, int, bool], str] = {}
+_PENDING: dict[tuple[str, int, int, bool], threading.Thread] = {}
+_LOCK = threading.Lock()
+HASH_CACHE_ENV = "LDM_HASH_CACHE"
+
+
+def hash_cache_path() -> Path | None:
+    """The cross-process hash cache: ``$LDM_HASH_CACHE`` (empty: none), else
+    ``$XDG_CACHE_HOME/ldm-pipeline/hashes.json`` (``~/.cache`` when unset)."""
+    value = os.environ.get(HASH_CACHE_ENV)
+    if value is not None:
+        return Path(value) if value else None
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ldm-pipeline" / "hashes.json"
+
+
+def _cache_name(key) -> str:
+    return ("data:" if key[3] else "file:") + key[0]
+
+
+def _read_cache() -> dict:
+    path = hash_cache_path()
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+    except (OSError, ValueError):  # absent, unreadable or damaged: start afresh
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _cached_on_disk(key) -> str | None:
+    entry = _read_cache().get(_cache_name(key))
+    if isinstance(entry, dict) and entry.get("size") == key[1] and entry.get("mtime_ns") == key[2]:
+        digest = entry.get("sha256")
+        if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest):
+            return digest
+    return None
+
+
+def _store_on_disk(key, digest: str) -> None:
+    path = hash_cache_path()
+    if path is None:
+        return
+    entries = _read_cache()
+    entries[_cache_name(key)] = {"size": key[1], "mtime_ns": key[2], "sha256": digest}
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:  # a cache that cannot be written (read-only home) only costs a later re-hash
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(entries, indent=0, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _hash_key(path: Path, st: os.stat_result, skip_header: bool):
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, skip_header)
+
+
+def _compute(path: Path, key) -> None:
+    digest = hashlib.sha256()
+    buf = bytearray(1 << 22)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        if key[3]:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    _HASHES[key] = digest.hexdigest()
+    _store_on_disk(key, _HASHES[key])
 
 
 def _sha256(path: Path, st: os.stat_result, skip_header: bool) -> str:
     """sha256 hex digest of a file (of its data after the safetensors header when
-    ``skip_header``), cached per (path, size, mtime) in this process."""
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, skip_header)
+    ``skip_header``), cached per (path, size, mtime)."""
+    key = _hash_key(path, st, skip_header)
+    with _LOCK:
+        pending = _PENDING.pop(key, None)
+    if pending is not None:
+        pending.join()
     if key not in _HASHES:
-        digest = hashlib.sha256()
-        buf = bytearray(1 << 22)
-        view = memoryview(buf)
-        with open(path, "rb") as f:
-            if skip_header:
-                f.seek(8 + int.from_bytes(f.read(8), "little"))
-            while n := f.readinto(buf):
-                digest.update(view[:n])
-        _HASHES[key] = digest.hexdigest()
+        cached = _cached_on_disk(key)
+        if cached:
+            _HASHES[key] = cached
+        else:
+            _compute(path, key)
     return _HASHES[key]
+
+
+def hash_in_background(path) -> None:
+    """Start computing ``file_hash(path)`` in a daemon thread unless it is known already; a later
+    :func:`file_hash` waits for it. Errors are left for that call to report."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    key = _hash_key(path, st, False)
+    with _LOCK:
+        if key in _HASHES or key in _PENDING or not path.is_file():
+            return
+        cached = _cached_on_disk(key)
+        if cached:
+            _HASHES[key] = cached
+            return
+
+        def work():
+            try:
+                _compute(path, key)
+            except OSError:
+                pass  # file_hash computes again and reports the error
+
+        _PENDING[key] = thread = threading.Thread(target=work, name="ldm-file-hash", daemon=True)
+    thread.start()
 
 
 def file_hash(path) -> str:
     """sha256 hex digest of the whole file (A1111 shows its first 10 hex digits as the model
-    hash), cached per (path, size, mtime) in this process."""
+    hash), computed once per (path, size, mtime): see :func:`hash_cache_path`."""
     path = Path(path)
     try:
         st = path.stat()

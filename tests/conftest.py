@@ -7,6 +7,9 @@ import torch
 
 def pytest_configure(config):
     torch.set_num_threads(int(os.environ.get("LDM_TEST_THREADS", "1")))
+    # file hashes are cached across processes (ldm.weights_io.hash_cache_path); the suite writes
+    # no cache into the user's home, tests of the cache name their own file
+    os.environ["LDM_HASH_CACHE"] = ""
 
 
 @pytest.fixture(scope="module")

@@ -154,6 +154,73 @@ def test_safetensors_metadata(tmp_path):
     assert read_safetensors_metadata(tmp_path / "absent.safetensors") == {}
 
 
+def _forget_hashes_in_process(monkeypatch):
+    """What a new process starts with: no hash known in memory."""
+    monkeypatch.setattr(weights_io, "_HASHES", {})
+
+
+def test_file_hash_is_kept_across_processes(tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "hashes.json"
+    monkeypatch.setenv("LDM_HASH_CACHE", str(cache))
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(1_000_000))
+    real = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert file_hash(path) == real and cache.is_file()
+
+    _forget_hashes_in_process(monkeypatch)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the hash should come from the cache file")
+
+    monkeypatch.setattr(weights_io, "open", no_reading, raising=False)
+    assert file_hash(path) == real
+    monkeypatch.delattr(weights_io, "open")
+
+    # a changed file (size or mtime) is hashed again, never served from the cache
+    _forget_hashes_in_process(monkeypatch)
+    path.write_bytes(b"other content")
+    assert file_hash(path) == hashlib.sha256(b"other content").hexdigest()
+    # the entry is per file: a LoRA hash (tensor data only) is a different entry
+    entries = json.loads(cache.read_text())
+    assert set(entries) == {"file:" + str(path.resolve())}
+
+
+def test_hash_cache_that_is_damaged_or_unwritable_is_ignored(tmp_path, monkeypatch):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"weights")
+    real = hashlib.sha256(b"weights").hexdigest()
+    cache = tmp_path / "hashes.json"
+    cache.write_text("{not json")
+    monkeypatch.setenv("LDM_HASH_CACHE", str(cache))
+    assert file_hash(path) == real
+    _forget_hashes_in_process(monkeypatch)
+    # a forged entry for another size is not believed
+    st = path.stat()
+    cache.write_text(json.dumps({"file:" + str(path.resolve()):
+                                 {"size": st.st_size + 1, "mtime_ns": st.st_mtime_ns, "sha256": "0" * 64}}))
+    assert file_hash(path) == real
+    _forget_hashes_in_process(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LDM_HASH_CACHE", str(blocker / "hashes.json"))  # parent is a file
+    assert file_hash(path) == real
+    monkeypatch.setenv("LDM_HASH_CACHE", "")  # disabled
+    _forget_hashes_in_process(monkeypatch)
+    assert weights_io.hash_cache_path() is None and file_hash(path) == real
+
+
+def test_hash_in_background_gives_the_same_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_HASH_CACHE", str(tmp_path / "hashes.json"))
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(3_000_000))
+    weights_io.hash_in_background(path)
+    assert weights_io._PENDING or weights_io._HASHES  # started (or already done)
+    assert file_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert not weights_io._PENDING
+    weights_io.hash_in_background(tmp_path / "absent.bin")  # errors wait for file_hash
+    assert "cannot read" in error_line(file_hash, tmp_path / "absent.bin")
+
+
 def test_lora_hash_leaves_out_the_header(tmp_path):
     t = torch.arange(4.0)
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
