@@ -3,10 +3,13 @@
 Every scheduler gets SD's training noise schedule (``scaled_linear`` betas 0.00085 → 0.012 over 1000
 steps) and SD's inference spacing (``timestep_spacing="leading"``, ``steps_offset=1``) where its class
 takes those options, so a name here gives the same images as the same scheduler in a diffusers
-Stable Diffusion pipeline. diffusers is imported inside the functions (it is slow to import).
+Stable Diffusion pipeline. Only the module of the scheduler class in use is imported, inside the
+functions: the package's top level would cost a second or more of start-up.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 
 SCHEDULERS: tuple[str, ...] = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m",
@@ -34,20 +37,35 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
+# diffusers class → its module under diffusers.schedulers
+_MODULES = {"DDIMScheduler": "scheduling_ddim", "DDPMScheduler": "scheduling_ddpm",
+            "PNDMScheduler": "scheduling_pndm", "LMSDiscreteScheduler": "scheduling_lms_discrete",
+            "EulerDiscreteScheduler": "scheduling_euler_discrete",
+            "EulerAncestralDiscreteScheduler": "scheduling_euler_ancestral_discrete",
+            "HeunDiscreteScheduler": "scheduling_heun_discrete",
+            "DPMSolverMultistepScheduler": "scheduling_dpmsolver_multistep",
+            "DPMSolverSDEScheduler": "scheduling_dpmsolver_sde",
+            "UniPCMultistepScheduler": "scheduling_unipc_multistep"}
+
 _PREDICTIONS = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction",
                 "v_prediction": "v_prediction"}
 
 
-def _torchsde_available() -> bool:
-    from diffusers.utils import is_torchsde_available
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
-    return is_torchsde_available()
+
+def _torchsde_available() -> bool:
+    return _installed("torchsde")
 
 
 def _scipy_available() -> bool:
-    from diffusers.utils import is_scipy_available
+    return _installed("scipy")
 
-    return is_scipy_available()
+
+def scheduler_class(cls_name: str):
+    """The diffusers scheduler class, imported from its own module only."""
+    return getattr(importlib.import_module(f"diffusers.schedulers.{_MODULES[cls_name]}"), cls_name)
 
 
 def check_name(name) -> None:
@@ -85,9 +103,7 @@ def make_scheduler(name: str, prediction: str = "eps", **overrides):
     if name == "lms" and not _scipy_available():
         raise ValueError("scheduler 'lms' needs scipy (diffusers computes its coefficients with it); "
                          "install it with: pip install scipy")
-    import diffusers
-
-    cls = getattr(diffusers, cls_name)
+    cls = scheduler_class(cls_name)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(overrides) - accepted)
     if unknown:

@@ -122,3 +122,25 @@ def test_each_scheduler_runs_two_steps(pipe, name):
     # sampler) or PNDM's PLMS warm-up adds an evaluation
     total = calls[0][1]
     assert total in (2, 3) and calls == [(i, total) for i in range(total)]
+
+
+def test_scheduler_classes_are_diffusers_own_imported_from_their_module():
+    import diffusers
+
+    classes = {schedulers._SPECS[name][0] for name in schedulers.SCHEDULERS} | {"DPMSolverMultistepScheduler"}
+    assert classes <= set(schedulers._MODULES)
+    for cls_name in classes:
+        assert schedulers.scheduler_class(cls_name) is getattr(diffusers, cls_name)
+
+
+def test_making_a_scheduler_imports_only_its_module():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipelines.schedulers import make_scheduler; make_scheduler('dpmpp_2m'); "
+            "loaded = sorted(m for m in sys.modules if m.startswith('diffusers.schedulers.scheduling_')); "
+            "print(loaded); assert 'diffusers.pipelines' not in sys.modules and "
+            "'diffusers.models' not in sys.modules and 'transformers' not in sys.modules, loaded")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "scheduling_dpmsolver_multistep'" in out.stdout and "scheduling_ddim'" not in out.stdout
