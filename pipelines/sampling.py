@@ -141,8 +141,9 @@ def denoise(model, latents: torch.Tensor, schedule: Schedule, conditioning: Cond
     dtype = context.dtype
     total = len(timesteps)
     interrupted = False
-    # the speed options' sampling scope: SDPA kernel choice, text keys/values computed once per run
-    with sampling_scope(model) as run, \
+    # the speed options' sampling scope: SDPA kernel choice, text keys/values computed once per run,
+    # convolution weights prepacked when the run is long enough to pay for it
+    with sampling_scope(model, total) as run, \
             tqdm(total=total, disable=not progress.show, desc=progress.desc, leave=False) as bar:
         for i, t in enumerate(timesteps):
             run.begin_step()

@@ -23,9 +23,9 @@ the checkpoint keys and the modules stay as they are, and every switch computes 
   text, and the layers before the UNet's first cross-attention run once instead of twice (without
   it, ``LatentDiffusion.apply_model`` repeats the latents).
 - ``cpu_prepack``: on the CPU, each UNet convolution's weight is reordered into oneDNN's blocked
-  layout once per sampling run and input shape (PyTorch's eager convolution reorders it on every
-  call; inductor's "freezing" does the same prepacking). Per run, so weights changed between runs
-  (a LoRA fused in place) are always picked up.
+  layout once per model and input shape (PyTorch's eager convolution reorders it on every call;
+  inductor's "freezing" does the same prepacking), and packed again when the weight changes; runs
+  too short to pay a new pack back do without (see ``ldm.speed.runner``).
 - ``sdpa_kernel``: restrict PyTorch SDPA to "flash", "efficient", "cudnn" or "math" in the UNet.
 - ``compile``: ``torch.compile`` of the UNet with static shapes (one compilation per input shape;
   new seeds and prompts of the same length do not recompile).
@@ -186,10 +186,10 @@ def _cpu_prepackable(unet: nn.Module, runner: UNetRunner) -> bool:
 
 
 @contextlib.contextmanager
-def sampling_scope(model: nn.Module):
-    """Around one sampling run (many UNet calls on the same conditioning): the SDPA kernel choice
-    and, in eager mode, the per-run caches (text keys/values, prepacked convolutions). Yields a
-    :class:`SamplingRun`."""
+def sampling_scope(model: nn.Module, calls: int | None = None):
+    """Around one sampling run (``calls`` UNet calls on the same conditioning; None: unknown): the
+    SDPA kernel choice and, in eager mode, the caches (text keys/values per run, prepacked
+    convolutions). Yields a :class:`SamplingRun`."""
     options = getattr(model, "speed", None)
     if options is None:  # the plain model (or not a LatentDiffusion): nothing to switch
         yield SamplingRun()
@@ -207,7 +207,7 @@ def sampling_scope(model: nn.Module):
         if eager and options.text_kv_cache:
             stack.enter_context(text_kv_caches(unet))
         if eager and options.cpu_prepack and runner is not None and _cpu_prepackable(unet, runner):
-            stack.enter_context(runner.prepacking())
+            stack.enter_context(runner.prepacking(calls))
         if graphs is not None:
             stack.enter_context(graphs.sampling_run(unet))
         yield SamplingRun(options.compile and options.cuda_graphs)

@@ -7,10 +7,14 @@ with three changes that keep the function (up to float rounding) and the checkpo
   evaluates ``x`` under each of the k conditionings, and everything before the first
   cross-attention (the input convolution, the first ResBlock and self-attention, at full
   resolution among the costliest layers) runs once for all k;
-- prepacked convolutions: while a sampling run has opened ``prepacked`` (CPU, channels-last), each
-  3×3 convolution's weight is reordered into oneDNN's blocked layout once per run and input shape
-  instead of on every call (the reorder is ~30 % of a small convolution's time; inductor's
-  "freezing" does the same).
+- prepacked convolutions: while a sampling run has opened :meth:`UNetRunner.prepacking` (CPU,
+  channels-last), each 3×3 convolution's weight is reordered into oneDNN's blocked layout once per
+  model and input shape instead of on every call (the reorder is ~30 % of a small convolution's
+  time; inductor's "freezing" does the same). A pack is kept while its weight keeps its storage and
+  version counter, so weights changed in place (``copy_``, ``load_state_dict``) or replaced
+  (``.to()``, ``.data =``) are packed again. Packing a layer costs about one to three of its calls,
+  so a run of fewer than ``PREPACK_MIN_CALLS`` UNet calls makes no new packs (it uses those that
+  exist).
 
 Layers in training mode run as the architecture defines them; peft LoRA wrappers are called as
 modules, so they apply.
@@ -18,6 +22,7 @@ modules, so they apply.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,10 @@ from ..modules.unet import (Downsample, ResBlock, TimestepEmbedSequential, UNetM
 from .graphs import CudaGraphs
 
 _prepack_ok: dict[torch.dtype, bool] = {}
+# Below this many UNet calls in a run, packing a layer costs more than it saves (a 1280-channel 3×3
+# convolution on an 8×8 latent: the reorder takes ~3 calls' worth of saved time; 320 channels at 64×64
+# about 1.5; benchmarks/README.md "prepacking").
+PREPACK_MIN_CALLS = 4
 
 
 def prepack_available(dtype: torch.dtype = torch.float32) -> bool:
@@ -67,7 +76,9 @@ class UNetRunner:
     def __init__(self, channels_last: bool = False, cuda_graphs: bool = False):
         self.channels_last = channels_last
         self.graphs = CudaGraphs() if cuda_graphs else None
-        self.prepacked: dict | None = None  # conv layer → {input shape: oneDNN weight}, per run
+        # conv layer → {input shape: (weight stamp, oneDNN weight)}, kept across runs
+        self.packs: weakref.WeakKeyDictionary[nn.Conv2d, dict] = weakref.WeakKeyDictionary()
+        self.prepack: bool | None = None  # in a run: None no packing, False reuse only, True pack
 
     def __call__(self, unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor,
                  context: torch.Tensor) -> torch.Tensor:
@@ -76,14 +87,20 @@ class UNetRunner:
         return self.walk(unet, x, timesteps, context)
 
     @contextlib.contextmanager
-    def prepacking(self):
-        """Prepack convolution weights for the length of the ``with`` block (one sampling run,
-        so weights changed between runs, a LoRA fused in place, are always picked up)."""
-        self.prepacked = {}
+    def prepacking(self, calls: int | None = None):
+        """Use prepacked convolution weights for the length of the ``with`` block (one sampling run
+        of ``calls`` UNet calls; None: unknown). New packs are made only for runs long enough to pay
+        them back (see the module docstring)."""
+        self.prepack = calls is None or calls >= PREPACK_MIN_CALLS
         try:
             yield
         finally:
-            self.prepacked = None
+            self.prepack = None
+
+    def forget_packs(self) -> None:
+        """Drop every kept pack (their memory too). Needed only after writing a weight in place
+        through ``.data``, which PyTorch's version counter does not see."""
+        self.packs = weakref.WeakKeyDictionary()
 
     def walk(self, unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor,
              context: torch.Tensor) -> torch.Tensor:
@@ -151,19 +168,21 @@ class UNetRunner:
     def conv(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)``, prepacked while a run has opened ``prepacked`` (a plain 3×3 convolution
         with zero padding on a channels-last CPU input, without gradients)."""
-        cache = self.prepacked
-        if (cache is None or type(layer) is not nn.Conv2d or layer.kernel_size == (1, 1)
+        if (self.prepack is None or type(layer) is not nn.Conv2d or layer.kernel_size == (1, 1)
                 or layer.padding_mode != "zeros" or x.device.type != "cpu" or torch.is_grad_enabled()
                 or not x.is_contiguous(memory_format=torch.channels_last)):
             return layer(x)
         args = (list(layer.padding), list(layer.stride), list(layer.dilation), layer.groups)
         key = tuple(x.shape)
-        packed = cache.setdefault(layer, {})
-        weight = packed.get(key)
-        if weight is None:
-            weight = packed[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                layer.weight.to_mkldnn(), *args[:3], args[3], list(key))
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, layer.bias, *args, "none", [], "")
+        stamp = (layer.weight.data_ptr(), layer.weight._version)
+        packed = self.packs.setdefault(layer, {})
+        entry = packed.get(key)
+        if entry is None or entry[0] != stamp:
+            if not self.prepack:
+                return layer(x)
+            entry = packed[key] = (stamp, torch._C._nn.mkldnn_reorder_conv2d_weight(
+                layer.weight.to_mkldnn(), *args[:3], args[3], list(key)))
+        return torch.ops.mkldnn._convolution_pointwise(x, entry[1], layer.bias, *args, "none", [], "")
 
 
 def shared_prefix_transformer(layer: SpatialTransformer, x: torch.Tensor, context: torch.Tensor,
