@@ -80,13 +80,19 @@ def _ema_tensors(ema: dict[str, torch.Tensor], expected: Mapping, path) -> dict[
     return out
 
 
+# the parts that run in NHWC with the speed option channels_last (ldm.speed.set_channels_last)
+CHANNELS_LAST_PREFIXES = ("model.diffusion_model.", "first_stage_model.")
+
+
 def prepare_state_dict(sd: Mapping[str, torch.Tensor], model: torch.nn.Module, cfg: ModelConfig,
                        *, path, dtype: torch.dtype, use_ema: bool = False, hint: str = "",
-                       release: Callable[[torch.Tensor], None] | None = None
-                       ) -> dict[str, torch.Tensor]:
+                       release: Callable[[torch.Tensor], None] | None = None,
+                       channels_last: bool = False) -> dict[str, torch.Tensor]:
     """Drop the known harmless extras, swap in EMA weights if asked, check every key and shape
     against ``model`` (any mismatch is an error naming the keys), and cast floats to ``dtype``
-    (``release(original)`` is called after each cast, to give back the source's memory)."""
+    (``release(original)`` is called after each cast, to give back the source's memory).
+    ``channels_last``: the UNet's and autoencoder's 4-D weights are laid out NHWC in the same
+    pass (one copy per tensor instead of a cast and then a second full copy)."""
     expected = model.state_dict(keep_vars=True)
     kept, ema = {}, {}
     for k, v in sd.items():
@@ -114,8 +120,11 @@ def prepare_state_dict(sd: Mapping[str, torch.Tensor], model: torch.nn.Module, c
 
     out, sources = {}, []
     for k, v in kept.items():
-        if v.is_floating_point() and v.dtype != dtype:
-            out[k] = v.to(dtype)  # only here is a copy made
+        nhwc = channels_last and v.dim() == 4 and k.startswith(CHANNELS_LAST_PREFIXES)
+        if v.is_floating_point() and (v.dtype != dtype or nhwc):
+            # only here is a copy made, at most one per tensor
+            fmt = torch.channels_last if nhwc else torch.preserve_format
+            out[k] = v.to(dtype=dtype, memory_format=fmt)
             if release is not None:
                 release(v)
                 sources.append(v)
@@ -183,10 +192,12 @@ def _load_folder(path: Path, config, dtype, device, use_ema, prediction) -> Late
 
 
 def load_model(path, config=None, *, dtype=torch.float32, device="cpu", use_ema: bool = False,
-               prediction: str | None = None) -> LatentDiffusion:
+               prediction: str | None = None, channels_last: bool = False) -> LatentDiffusion:
     """A ready :class:`LatentDiffusion` (eval mode) from a single-file checkpoint or a diffusers
     folder. ``config``: None (sidecar ``<stem>.yaml``, else detection), a YAML path, a built-in
-    config stem or a :class:`ModelConfig`. ``prediction`` ("eps"/"v") overrides the config."""
+    config stem or a :class:`ModelConfig`. ``prediction`` ("eps"/"v") overrides the config.
+    ``channels_last``: lay the UNet's and autoencoder's convolution weights out NHWC while
+    casting (what the speed option of that name needs; saves a second copy of each weight)."""
     path = Path(path)
     dtype = parse_dtype(dtype)
     if prediction not in (None, "eps", "v"):
@@ -212,7 +223,8 @@ def load_model(path, config=None, *, dtype=torch.float32, device="cpu", use_ema:
     # a cast copies; the mapped source pages are then dropped, so peak memory stays near the
     # size of the converted weights instead of converted + file
     weights = prepare_state_dict(sd, model, cfg, path=path, dtype=dtype, use_ema=use_ema, hint=hint,
-                                 release=mapped.release if mapped is not None else None)
+                                 release=mapped.release if mapped is not None else None,
+                                 channels_last=channels_last)
     del sd, mapped
     model.load_state_dict(weights, strict=True, assign=True)
     _assert_materialised(model, path)

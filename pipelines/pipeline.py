@@ -42,6 +42,15 @@ class DefaultModelMissing(RuntimeError):
     """No checkpoint was given and the shipped default model is not installed."""
 
 
+def default_model(config=None) -> tuple[Path, object]:
+    """The shipped default model's file and config (``config`` if one is given), or
+    :class:`DefaultModelMissing` when it is not installed."""
+    if not DEFAULT_CHECKPOINT.is_file():
+        raise DefaultModelMissing(f"no default model is installed ({DEFAULT_CHECKPOINT.parent.name}/"
+                                  f"{DEFAULT_CHECKPOINT.name}); pass --checkpoint PATH")
+    return DEFAULT_CHECKPOINT, DEFAULT_CONFIG if config is None and DEFAULT_CONFIG.is_file() else config
+
+
 @dataclass
 class GenerationResult:
     images: list[Image.Image]  # empty when output_type="latent"
@@ -98,17 +107,18 @@ class Pipeline:
                         speed=None) -> "Pipeline":
         """Load a single-file checkpoint (None → the shipped default model)."""
         if path is None:
-            if not DEFAULT_CHECKPOINT.is_file():
-                raise DefaultModelMissing(f"no default model is installed ({DEFAULT_CHECKPOINT.parent.name}/"
-                                          f"{DEFAULT_CHECKPOINT.name}); pass --checkpoint PATH")
-            path = DEFAULT_CHECKPOINT
-            config = DEFAULT_CONFIG if config is None and DEFAULT_CONFIG.is_file() else config
+            path, config = default_model(config)
         from ldm.checkpoint import load_model
+        from ldm.speed import as_speed_options
+        from ldm.weights_io import hash_in_background
 
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        speed = as_speed_options(speed)
+        hash_in_background(path)  # for the images' metadata, while the weights load
+        # the NHWC layout of speed's channels_last is made in the same pass as the dtype cast
         model = load_model(path, config, dtype=dtype, device=device, use_ema=use_ema,
-                           prediction=prediction)
+                           prediction=prediction, channels_last=speed.channels_last)
         pipe = cls(model, device=device, dtype=dtype, attention=attention, model_name=Path(path).stem,
                    speed=speed)
         pipe.model_path = str(path)

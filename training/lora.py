@@ -158,14 +158,9 @@ def load_base_model(checkpoint: Path | None, config: Path | None):
 
     path = checkpoint
     if path is None:
-        from pipelines.pipeline import DEFAULT_CHECKPOINT, DEFAULT_CONFIG, DefaultModelMissing
+        from pipelines.pipeline import default_model
 
-        if not DEFAULT_CHECKPOINT.is_file():
-            raise DefaultModelMissing(f"no default model is installed ({DEFAULT_CHECKPOINT.parent.name}/"
-                                      f"{DEFAULT_CHECKPOINT.name}); pass --checkpoint PATH")
-        path = DEFAULT_CHECKPOINT
-        if config is None and DEFAULT_CONFIG.is_file():
-            config = DEFAULT_CONFIG
+        path, config = default_model(config)
     model = load_model(path, config, dtype=torch.float32, device="cpu")
     if model.config.is_inpainting:
         raise TrainingError(f"{path}: an inpainting model; LoRA training takes text-to-image models")

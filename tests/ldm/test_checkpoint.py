@@ -265,6 +265,29 @@ def test_same_dtype_load_keeps_the_memory_map(tmp_path):
     assert model.alphas_cumprod.dtype == torch.float32  # the schedule keeps full precision
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_channels_last_layout_is_made_in_the_cast(tmp_path, dtype):
+    """One copy per tensor: cast and NHWC layout together, which the pipeline's speed option then
+    finds done (no second copy of the UNet)."""
+    from pipelines.pipeline import Pipeline
+
+    half = {k: v.half() for k, v in _state().items()}
+    path = _write(tmp_path, half, kind="sd1")
+    plain = load_model(path, dtype=dtype)
+    nhwc = load_model(path, dtype=dtype, channels_last=True)
+    convs = {k for k, v in nhwc.state_dict().items() if v.dim() == 4 and v.shape[-1] > 1}
+    assert convs and all(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in convs)
+    for k, v in nhwc.state_dict().items():
+        assert v.dtype == (dtype if v.is_floating_point() else v.dtype) and torch.equal(v, plain.state_dict()[k]), k
+        if k in convs:
+            assert v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous(), k
+    before = {k: nhwc.state_dict()[k].data_ptr() for k in convs}
+    pipe = Pipeline(nhwc, device="cpu", dtype=dtype)  # channels_last is on by default
+    assert {k: pipe.model.state_dict()[k].data_ptr() for k in convs} == before  # not copied again
+    pipe = Pipeline.from_checkpoint(path, device="cpu", dtype=dtype)
+    assert all(pipe.model.state_dict()[k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+
+
 def _mapped_rss_kb(path: Path) -> int:
     """Resident kB of this process's mappings of ``path`` (from /proc/self/smaps)."""
     total, inside = 0, False
