@@ -63,7 +63,8 @@ def write_diffusers_config_folder(folder, tree: dict) -> Path:
 
     from ldm.config import parse_config
     from ldm.model import LatentDiffusion
-    from ldm.modules.text import EOT, SOT, clip_tokenizer
+    from ldm.modules.tokenizer import EOT, SOT
+    from reference.tokenizer import clip_tokenizer
 
     cfg = parse_config(tree, "benchmark config")
     if cfg.text.kind != "clip":

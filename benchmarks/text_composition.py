@@ -22,7 +22,7 @@ import torch
 
 
 def end_of_text_states(encoder, captions: list[str], clip_skip: int) -> torch.Tensor:
-    from ldm.modules.text import EOT, tokenize
+    from ldm.modules.tokenizer import EOT, tokenize
 
     tokens = tokenize(encoder.config, captions)
     with torch.no_grad():

@@ -19,7 +19,8 @@ from .lora import LoraState
 from .lora_formats import NameTable
 from .modules.attention import set_attention_backend
 from .modules.autoencoder import AutoencoderKL
-from .modules.text import build_text_encoder, tokenize
+from .modules.text import build_text_encoder
+from .modules.tokenizer import tokenize
 from .modules.unet import UNetModel
 from .speed import SpeedOptions
 from .speed.runner import guidance_copies

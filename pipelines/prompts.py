@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ldm.modules.text import EOT, SOT, clean_text, tokenizer_for
+from ldm.modules.tokenizer import EOT, SOT, clean_text, tokenizer_for
 
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1
@@ -125,9 +125,9 @@ def tokenize_prompt(tokenizer, text: str, chunk_length: int = 75,
     """
     parsed = parse_prompt_attention(text)
     words = [t for t, w in parsed if (t, w) != BREAK_MARK]
-    words = [clean_text(t) for t in words]  # as ldm.modules.text.tokenize does for plain prompts
-    token_lists = iter(tokenizer(words, add_special_tokens=False, verbose=False).input_ids if words else [])
-    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    words = [clean_text(t) for t in words]  # as ldm.modules.tokenizer.tokenize does for plain prompts
+    token_lists = iter([tokenizer.encode(w) for w in words])
+    comma = tokenizer.token_to_id(",</w>")
     chunks: list[Chunk] = []
     cur = Chunk([], [])
     last_comma = -1

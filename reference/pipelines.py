@@ -5,7 +5,7 @@ from pipelines/schedulers.py, with the values SD ships."""
 from __future__ import annotations
 
 from ldm.model import LatentDiffusion
-from ldm.modules.text import clip_tokenizer
+from reference.tokenizer import clip_tokenizer
 from reference.models import diffusers_unet, diffusers_vae, transformers_text_model
 
 _SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,

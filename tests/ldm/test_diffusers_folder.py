@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm.diffusers_folder import DiffusersFolderError, load_diffusers_folder
 from ldm.model import LatentDiffusion
-from ldm.modules.text import clip_tokenizer
+from reference.tokenizer import clip_tokenizer
 from ldm.config import parse_config
 from tests.ldm.test_diffusers_names import variant_tree
 from reference.models import diffusers_unet, diffusers_vae, randomize_, transformers_text_model

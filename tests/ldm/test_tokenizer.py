@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.modules.text import EOT, SOT, tokenize
+from ldm.modules.tokenizer import EOT, SOT, tokenize
 from reference.tiny import tiny_config
 
 PROMPTS = [

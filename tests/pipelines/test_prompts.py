@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ldm.model import LatentDiffusion
-from ldm.modules.text import EOT, SOT, tokenizer_for
+from ldm.modules.tokenizer import EOT, SOT, tokenizer_for
+from reference import tokenizer as reference_tokenizer
 from pipelines.prompts import (BREAK_MARK, Chunk, chunk_ids, encode_prompts, parse_prompt_attention,
                                tokenize_prompt)
 from reference.models import randomize_
@@ -83,7 +84,8 @@ def tok():
 
 
 def ids(tok, text):
-    return tok(text, add_special_tokens=False).input_ids
+    """The ids of transformers' CLIPTokenizer (the independent reference), no special tokens."""
+    return reference_tokenizer.tokenizer_for(tiny_config("sd1").text)(text, add_special_tokens=False).input_ids
 
 
 def test_plain_prompt_is_one_piece_with_the_tokenizers_ids(tok):
@@ -145,7 +147,8 @@ def test_chunk_ids_equal_the_standard_tokenization(kind, pad, n):
     [chunk] = tokenize_prompt(tok, text)
     got, weights = chunk_ids(chunk, cfg.pad_token_id)
     assert cfg.pad_token_id == pad
-    reference = tok(text, padding="max_length", max_length=77, truncation=True).input_ids
+    hf = reference_tokenizer.tokenizer_for(cfg)
+    reference = hf(text, padding="max_length", max_length=77, truncation=True).input_ids
     assert got == reference and len(got) == 77 and weights == [1.0] * 77
     assert got[0] == SOT and got[n + 1] == EOT and got[n + 2:] == [pad] * (75 - n)
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.config import TextEncoderConfig
-from ldm.modules.text import EOT, FrozenCLIPEmbedder, tokenize
+from ldm.modules.text import FrozenCLIPEmbedder
+from ldm.modules.tokenizer import EOT, tokenize
 from training.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Caption, ShapeSpec, training_caption
 
 from ..shapes.datasets import ShapeImages, render_batch

@@ -15,7 +15,7 @@ from torch import nn
 
 from ldm.model import posterior_latents
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.text import tokenize
+from ldm.modules.tokenizer import tokenize
 from ldm.modules.unet import ResBlock, UNetModel
 from ..shapes import training_example
 from ..shapes.datasets import LatentCaptions, example_seed, render_batch
