@@ -5,6 +5,7 @@ safetensors. Reading and writing the files themselves is :mod:`ldm.weights_io`'s
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -80,6 +81,9 @@ def _ema_tensors(ema: dict[str, torch.Tensor], expected: Mapping, path) -> dict[
     return out
 
 
+# threads converting tensors while loading (each copy's time is mostly page faults, which run in
+# parallel); peak memory grows by at most this many source tensors
+LOAD_THREADS = max(1, min(4, os.cpu_count() or 1))
 # the parts that run in NHWC with the speed option channels_last (ldm.speed.set_channels_last)
 CHANNELS_LAST_PREFIXES = ("model.diffusion_model.", "first_stage_model.")
 
@@ -118,22 +122,27 @@ def prepare_state_dict(sd: Mapping[str, torch.Tensor], model: torch.nn.Module, c
     if problems:
         raise file_error(path, "does not fit the model config: " + "; ".join(problems) + hint)
 
-    out, sources = {}, []
-    for k, v in kept.items():
+    def convert(k: str, v: torch.Tensor) -> torch.Tensor:
         nhwc = channels_last and v.dim() == 4 and k.startswith(CHANNELS_LAST_PREFIXES)
-        if v.is_floating_point() and (v.dtype != dtype or nhwc):
-            # only here is a copy made, at most one per tensor
-            fmt = torch.channels_last if nhwc else torch.preserve_format
-            out[k] = v.to(dtype=dtype, memory_format=fmt)
-            if release is not None:
+        if not (v.is_floating_point() and (v.dtype != dtype or nhwc)):
+            return v
+        # only here is a copy made, at most one per tensor
+        out = v.to(dtype=dtype, memory_format=torch.channels_last if nhwc else torch.preserve_format)
+        if release is not None:
+            release(v)
+        return out
+
+    # Copies run on a few threads (torch releases the GIL): most of a copy's time is the kernel
+    # faulting in its fresh pages, which a single-threaded copy does one page at a time.
+    with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:
+        futures = {k: pool.submit(convert, k, v) for k, v in kept.items()}
+        out = {k: f.result() for k, f in futures.items()}
+    if release is not None:
+        # the kernel maps a few neighbouring pages on each fault (fault-around), some of them
+        # already released: one last pass gives those back too
+        for k, v in kept.items():
+            if out[k] is not v:
                 release(v)
-                sources.append(v)
-        else:
-            out[k] = v
-    # the kernel maps a few neighbouring pages on each fault (fault-around), some of them already
-    # released: one last pass gives those back too
-    for v in sources:
-        release(v)
     return out
 
 
