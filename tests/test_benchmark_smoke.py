@@ -35,3 +35,52 @@ def test_text_composition_reads_the_shipped_tower(tmp_path):
     first, last = report["after_block_1"], report["after_block_3"]
     assert first["orange circle"] >= 0.8 > last["orange circle"], (first, last)
     assert first["held_out"] > last["held_out"]
+
+
+def test_startup_measures_each_process_alone_and_reports(tmp_path, monkeypatch):
+    """The start-up benchmark's pieces (its full run takes minutes): the peak RSS of a child that
+    allocates 200 MB is that child's, not this (torch-importing) process's, with GNU time and with
+    the fallback wrapper; the table marks bars; its RESULTS.md section is replaced in place."""
+    import sys
+    from pathlib import Path
+
+    import torch  # noqa: F401  (this process is then far above 200 MB: a leak would show)
+
+    from benchmarks import startup
+
+    child = [sys.executable, "-c", "x = b'1' * 200_000_000; print('RESULT {\"n\": 1}')"]
+    for wrapper in (startup.GNU_TIME, Path(tmp_path / "no-time")):
+        monkeypatch.setattr(startup, "GNU_TIME", wrapper)
+        run = startup.run_process(child)
+        assert 200e6 < run["peak_rss_bytes"] < 260e6 and run["n"] == 1 and run["wall_s"] > 0
+
+    proc = {"wall_s": 12.0, "peak_rss_bytes": 1.1e9, "import_s": 5.0, "load_s": 1.0,
+            "first_image_s": 2.0, "sample_s": 0.4}
+    full = {"file_bytes": 2.1e9, "cases": {"fp32": {
+        "medians": {"ours": dict(proc, wall_s=7.0), "diffusers": proc},
+        "time_ratio": 7 / 12, "rss_ratio": 1.0}}}
+    report = {"runs": 1, "environment": {
+        "machine": "m", "torch": "t", "diffusers": "d", "transformers": "x", "python": "p",
+        "date": "today", "commit": "abc", "dirty": True},
+        "conditions": {"loadavg_before": [1, 1, 1], "loadavg_after": [2, 2, 2]},
+        "sections": {
+            "default": {"settings": dict(steps=25, guidance=2.5, width=64, height=64),
+                        "medians": {k: proc for k in ("help", "ours", "diffusers", "ours_api",
+                                                      "diffusers_api")}},
+            "sd15": full,
+            "fromfile": {"prompts": 40, "medians": {"single": proc, "fromfile": proc},
+                         "per_image_s": 0.41, "sample_s": 0.4, "overhead_pct": 2.5,
+                         "gap_s": 0.5, "gap_overhead_pct": 25.0}}}
+    table = startup.markdown(report)
+    assert "ours ≤ 3 s: **NOT met**" in table and "| 0.58 | ≤ 0.7: met |" in table
+    assert "| 0.410; 2.5 % | – | – | ≤ 5 %: met |" in table
+    assert "| 0.500; 25.0 % | – | – | ≤ 5 %: **NOT met** |" in table
+    assert "(with uncommitted changes)" in table
+
+    before = "# R\n\nintro\n\n## A\n\na\n\n## B\n\nb\n"
+    once = startup.replace_section(before, "new 1")
+    assert once == before + "\n" + startup.HEADING + "\n\nnew 1\n"
+    middle = once.replace("## B", startup.HEADING + "\n\nold\n\n## B", 1).replace(
+        "\n\n" + startup.HEADING + "\n\nnew 1\n", "\n")
+    assert startup.replace_section(middle, "new 2") == \
+        "# R\n\nintro\n\n## A\n\na\n\n" + startup.HEADING + "\n\nnew 2\n\n## B\n\nb\n"
