@@ -224,7 +224,7 @@ def _load_pipeline(args):
     from pipelines.pipeline import Pipeline
     pipe = Pipeline.from_checkpoint(args.checkpoint, config=args.config, device=args.device,
                                     dtype=args.dtype, attention=args.attention, use_ema=args.ema,
-                                    prediction=args.prediction)
+                                    prediction=args.prediction, scheduler=args.scheduler)
     if args.vae_tiling:
         pipe.enable_vae_tiling(True)
     if args.lora:

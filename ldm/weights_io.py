@@ -400,6 +400,9 @@ def hash_in_background(path) -> None:
                 _compute(path, key)
             except OSError:
                 pass  # file_hash computes again and reports the error
+            finally:
+                with _LOCK:
+                    _PENDING.pop(key, None)
 
         _PENDING[key] = thread = threading.Thread(target=work, name="ldm-file-hash", daemon=True)
     thread.start()

@@ -31,7 +31,7 @@ from .latents import INITIAL_LATENTS, Canvas, decode
 from .prompts import encode_prompts
 from .request import PARAMETERS, GenerationRequest
 from .sampling import Guidance, Progress, Schedule, denoise, step_kwargs
-from .schedulers import make_scheduler
+from .schedulers import import_in_background, make_scheduler
 from .validate import check_number
 
 DEFAULT_CHECKPOINT = shipped_file("weights", "tiny-shapes.safetensors")
@@ -83,6 +83,18 @@ def _documented(method):
     return method
 
 
+# above this size a checkpoint's load (copies, page faults) takes long enough to hide the ~1 s
+# import of a diffusers scheduler behind it; below, the two threads only contend for the GIL
+BACKGROUND_IMPORT_BYTES = 256 << 20
+
+
+def _large_file(path) -> bool:
+    try:
+        return Path(path).is_file() and Path(path).stat().st_size >= BACKGROUND_IMPORT_BYTES
+    except OSError:
+        return False
+
+
 def _request(mode: str, given: dict) -> GenerationRequest:
     """The request for an entry point's arguments (its ``locals()``: exactly its parameters)."""
     return GenerationRequest(mode, **{k: v for k, v in given.items() if k != "self"})
@@ -104,11 +116,14 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, path=None, *, config=None, device=None, dtype=None,
                         attention: str = "sdpa", use_ema: bool = False, prediction=None,
-                        speed=None) -> "Pipeline":
-        """Load a single-file checkpoint (None → the shipped default model)."""
+                        speed=None, scheduler: str | None = None) -> "Pipeline":
+        """Load a single-file checkpoint (None → the shipped default model). ``scheduler``: the
+        one you will sample with first (default: SD's default, DPM++ 2M); its module is imported
+        while the weights load."""
         if path is None:
             path, config = default_model(config)
         from ldm.checkpoint import load_model
+        from ldm.config import SamplingDefaults
         from ldm.speed import as_speed_options
         from ldm.weights_io import hash_in_background
 
@@ -116,6 +131,8 @@ class Pipeline:
         dtype = resolve_dtype(dtype, device)
         speed = as_speed_options(speed)
         hash_in_background(path)  # for the images' metadata, while the weights load
+        if _large_file(path):  # a long load releases the GIL: import the sampler meanwhile
+            import_in_background(scheduler or SamplingDefaults.scheduler)
         # the NHWC layout of speed's channels_last is made in the same pass as the dtype cast
         model = load_model(path, config, dtype=dtype, device=device, use_ema=use_ema,
                            prediction=prediction, channels_last=speed.channels_last)

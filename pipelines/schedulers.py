@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import sys
+import threading
 
 SCHEDULERS: tuple[str, ...] = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m",
                                "dpmpp_2m_karras", "dpmpp_sde_karras", "unipc")
@@ -66,6 +68,29 @@ def _scipy_available() -> bool:
 def scheduler_class(cls_name: str):
     """The diffusers scheduler class, imported from its own module only."""
     return getattr(importlib.import_module(f"diffusers.schedulers.{_MODULES[cls_name]}"), cls_name)
+
+
+def import_in_background(name: str) -> threading.Thread | None:
+    """Start importing the diffusers module of scheduler ``name`` in a daemon thread (None for an
+    unknown name). The import holds the GIL, so it only gains where the other thread releases it:
+    a large checkpoint's load, whose time goes to copying and page faults. A later
+    :func:`make_scheduler` waits for the module's import lock if it is still running."""
+    if name not in _SPECS:
+        return None
+    module = f"diffusers.schedulers.{_MODULES[resolve(name)[0]]}"
+    if module in sys.modules:
+        return None
+    thread = threading.Thread(target=_import_quietly, args=(module,), name="ldm-scheduler-import",
+                              daemon=True)
+    thread.start()
+    return thread
+
+
+def _import_quietly(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except Exception:  # make_scheduler imports it again and reports the error
+        pass
 
 
 def check_name(name) -> None:

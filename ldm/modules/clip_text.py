@@ -35,11 +35,21 @@ def activation(name: str) -> nn.Module:
     raise ValueError(f"text encoder activation must be quick_gelu or gelu, got {name!r}")
 
 
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` that leaves a meta-device weight alone in ``reset_parameters``: a model
+    built to be loaded (weights on meta) then draws nothing, and PyTorch's meta ``normal_``, which
+    imports torch._dynamo (~1 s), is never called. On a real device it draws as ``nn.Embedding``."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self, vocab_size: int, width: int, max_length: int):
         super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.position_embedding = nn.Embedding(max_length, width)
+        self.token_embedding = Embedding(vocab_size, width)
+        self.position_embedding = Embedding(max_length, width)
         # not saved (older files carry it; loaders ignore it); a lookup keeps transformers' backward
         self.register_buffer("position_ids", torch.arange(max_length).expand((1, -1)), persistent=False)
 

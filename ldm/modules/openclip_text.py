@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextEncoderConfig
-from .clip_text import QuickGELU
+from .clip_text import Embedding, QuickGELU
 
 
 class LayerNorm(nn.LayerNorm):
@@ -62,7 +62,7 @@ class OpenCLIPTextTower(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         act = nn.GELU if cfg.act == "gelu" else QuickGELU
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.max_length, cfg.width))
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, act)
         self.ln_final = LayerNorm(cfg.width)

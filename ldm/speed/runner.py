@@ -97,6 +97,17 @@ class UNetRunner:
         finally:
             self.prepack = None
 
+    def __getstate__(self) -> dict:
+        # packs are a cache of oneDNN tensors (which cannot be copied or pickled): a copied model
+        # packs its own weights again
+        state = dict(self.__dict__)
+        state["packs"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.packs = weakref.WeakKeyDictionary()
+
     def forget_packs(self) -> None:
         """Drop every kept pack (their memory too). Needed only after writing a weight in place
         through ``.data``, which PyTorch's version counter does not see."""

@@ -92,3 +92,12 @@ def test_a_changed_weight_is_packed_again(setup):
     model.model.diffusion_model.runner.forget_packs()
     _run(model, inputs, PREPACK_MIN_CALLS)
     assert len(reorders) == 2 * made + 1
+
+
+def test_a_model_with_packs_can_be_copied(setup):
+    model, plain, reorders, inputs = setup
+    first = _run(model, inputs, PREPACK_MIN_CALLS)
+    twin = copy.deepcopy(model)
+    assert len(twin.model.diffusion_model.runner.packs) == 0  # its own, made on its first run
+    assert torch.equal(_run(twin, inputs, PREPACK_MIN_CALLS), first)
+    assert len(reorders) == 2 * len(_convs(model))

@@ -144,3 +144,16 @@ def test_making_a_scheduler_imports_only_its_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "scheduling_dpmsolver_multistep'" in out.stdout and "scheduling_ddim'" not in out.stdout
+
+
+def test_import_in_background_imports_the_module_of_the_name(monkeypatch):
+    import sys
+
+    assert schedulers.import_in_background("no such scheduler") is None
+    module = "diffusers.schedulers.scheduling_euler_ancestral_discrete"
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    thread = schedulers.import_in_background("euler_a")
+    assert thread is not None
+    thread.join(60)
+    assert module in sys.modules
+    assert schedulers.import_in_background("euler_a") is None  # already imported
