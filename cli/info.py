@@ -57,12 +57,18 @@ def _checkpoint_info(path: Path, as_json: bool) -> int:
     state = read_state_dict(path)  # not a checkpoint at all: CheckpointError, reported as the error
     try:
         found = detect(state, path=path)
-        family, rules = f"{found.family} (config {found.config_name})", list(found.rules)
+        family, rules = found.family, list(found.rules)
     except CheckpointError as exc:  # readable, but not an SD1/SD2 model: still worth describing
         family, rules = "unknown", [str(exc)]
+    from ldm.checkpoint import resolve_config
+    from ldm.config import ConfigError
+    try:  # the config loading would use, and where it comes from
+        config = resolve_config(None, path, state)[1]
+    except (CheckpointError, ConfigError) as exc:
+        config = f"none ({exc})"
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state.values())
     size = path.stat().st_size
-    fields = {"file": str(path), "family": family, "rules": rules, "keys": len(state),
+    fields = {"file": str(path), "family": family, "rules": rules, "config": config, "keys": len(state),
               "dtype": ", ".join(f"{d} ({c} tensors)" for d, c in dtypes.most_common()) or "none",
               "size": size}
     if as_json:
@@ -73,6 +79,7 @@ def _checkpoint_info(path: Path, as_json: bool) -> int:
     print(f"family: {family}")
     for rule in rules:
         print(f"  - {rule}")
+    print(f"config: {config}")
     print(f"keys:   {len(state)}")
     print(f"dtype:  {fields['dtype']}")
     print(f"size:   {_human_size(size)} ({size} bytes)")

@@ -4,6 +4,7 @@ safetensors. Reading and writing the files themselves is :mod:`ldm.weights_io`'s
 """
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,13 +12,14 @@ from typing import Callable, Mapping
 
 import torch
 
-from .config import ModelConfig, builtin_config, load_config
+from .config import ConfigError, ModelConfig, builtin_config, config_tree, load_config, parse_config
 from .detect import Detection, detect, sidecar_config_path
 from .diffusers_folder import load_diffusers_folder
 from .model import LatentDiffusion, LoadInfo, make_betas
-from .weights_io import CheckpointError, file_error, parse_dtype, read_weights, write_safetensors
+from .weights_io import (CheckpointError, file_error, parse_dtype, read_safetensors_metadata, read_weights,
+                         write_safetensors)
 
-__all__ = ["load_model", "prepare_state_dict", "save_checkpoint"]
+__all__ = ["load_model", "prepare_state_dict", "save_checkpoint", "resolve_config", "embedded_config"]
 
 # CompVis LatentDiffusion registers its whole noise schedule as buffers; we derive it from the config.
 SCHEDULE_KEYS = (
@@ -30,6 +32,7 @@ SCHEDULE_KEYS = (
 DROPPED_KEYS = frozenset(SCHEDULE_KEYS + (
     "logvar", "cond_stage_model.transformer.text_model.embeddings.position_ids", "v_pred"))
 EMA_PREFIX = "model_ema."
+CONFIG_METADATA_KEY = "ldm_config"
 _EMA_BOOKKEEPING = {"decay", "num_updates"}
 
 
@@ -148,14 +151,28 @@ def prepare_state_dict(sd: Mapping[str, torch.Tensor], model: torch.nn.Module, c
 
 # -------------------------------------------------------------------------------------- loading
 
-def _resolve_config(config, path: Path, sd, prediction) -> tuple[ModelConfig, str, Detection | None]:
+def embedded_config(path) -> ModelConfig | None:
+    """The config a safetensors file carries in its header (``ldm_config``: the CompVis tree as
+    JSON, written by :func:`save_checkpoint`), or None."""
+    text = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        return parse_config(json.loads(text), f"its {CONFIG_METADATA_KEY} metadata")
+    except (ValueError, ConfigError) as exc:  # ConfigError is a ValueError too
+        raise file_error(path, str(exc) if isinstance(exc, ConfigError)
+                         else f"its {CONFIG_METADATA_KEY} metadata is not valid JSON") from None
+
+
+def resolve_config(config, path: Path, sd, prediction=None) -> tuple[ModelConfig, str, Detection | None]:
     """(config, where it came from, detection): explicit config, else the sidecar YAML, else the
-    built-in config of the detected family."""
+    config the file carries, else the built-in config of the detected family."""
     detection = None
+    embedded = embedded_config(path) if config is None else None
     try:
         detection = detect(sd, path=path, prediction=prediction)
     except CheckpointError:
-        if config is None and sidecar_config_path(path) is None:
+        if config is None and sidecar_config_path(path) is None and embedded is None:
             raise
     if isinstance(config, ModelConfig):
         return config, "ModelConfig given by the caller", detection
@@ -167,6 +184,8 @@ def _resolve_config(config, path: Path, sd, prediction) -> tuple[ModelConfig, st
     sidecar = sidecar_config_path(path)
     if sidecar is not None:
         return load_config(sidecar), f"sidecar config {sidecar}", detection
+    if embedded is not None:
+        return embedded, f"the file's own config ({CONFIG_METADATA_KEY} metadata)", detection
     return (builtin_config(detection.config_name),
             f"built-in config {detection.config_name} (detected {detection.family})", detection)
 
@@ -214,10 +233,10 @@ def load_model(path, config=None, *, dtype=torch.float32, device="cpu", use_ema:
     if path.is_dir():
         return _load_folder(path, config, dtype, device, use_ema, prediction)
     sd, mapped = read_weights(path)
-    cfg, source, detection = _resolve_config(config, path, sd, prediction)
+    cfg, source, detection = resolve_config(config, path, sd, prediction)
     cfg = _with_prediction(cfg, prediction)
     hint = ""
-    if config is None and sidecar_config_path(path) is None:
+    if config is None and sidecar_config_path(path) is None and not source.startswith("the file's"):
         hint = (f" (config chosen by detection as {detection.family}; pass a config or put "
                 f"{path.with_suffix('.yaml').name} next to the file)")
     elif detection is not None:
@@ -249,8 +268,10 @@ def load_model(path, config=None, *, dtype=torch.float32, device="cpu", use_ema:
 def save_checkpoint(model: LatentDiffusion, path, *, half: bool = False,
                     metadata: dict[str, str] | None = None) -> None:
     """Save ``model.state_dict()`` (CompVis keys, no schedule buffers) as safetensors; floats in
-    fp16 when ``half``; ``metadata`` strings go into the header."""
-    meta = {"format": "pt"}
+    fp16 when ``half``; ``metadata`` strings go into the header, with the model's config
+    (``ldm_config``, see :func:`embedded_config`)."""
+    # the file describes itself: it loads without a config wherever it is copied
+    meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config_tree(model.config))}
     for k, v in (metadata or {}).items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"metadata must map str to str; got {k!r}: {type(v).__name__}")

@@ -304,6 +304,25 @@ def validate(cfg: ModelConfig, source: str = "config") -> None:
         bad(str(exc))
 
 
+def config_tree(cfg: ModelConfig) -> dict:
+    """``cfg`` as a CompVis-style tree (what the YAML files hold) that :func:`parse_config` reads
+    back to an equal config: every field written out, nothing left to a default."""
+    def fields_of(obj, skip=()) -> dict:
+        return {f.name: list(v) if isinstance(v := getattr(obj, f.name), tuple) else v
+                for f in dataclasses.fields(obj) if f.name not in skip}
+
+    model_target = next(t for t, key in _LDM_TARGETS.items() if key == cfg.conditioning_key)
+    text_target = next(t for t, kind in _TEXT_TARGETS.items() if kind == cfg.text.kind)
+    vae = fields_of(cfg.autoencoder, skip=("embed_dim",))
+    params = fields_of(cfg, skip=("unet", "autoencoder", "text", "sampling"))
+    params.update(
+        unet_config={"target": next(iter(_UNET_TARGETS)), "params": fields_of(cfg.unet)},
+        first_stage_config={"target": next(iter(_VAE_TARGETS)),
+                            "params": {"embed_dim": cfg.autoencoder.embed_dim, "ddconfig": vae}},
+        cond_stage_config={"target": text_target, "params": fields_of(cfg.text, skip=("kind",))})
+    return {"model": {"target": model_target, "params": params}, "sampling": fields_of(cfg.sampling)}
+
+
 def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     try:

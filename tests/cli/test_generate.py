@@ -137,3 +137,26 @@ def test_vae_tiling_and_options_reach_the_pipeline(tiny, tmp_path, capsys, monke
     assert (seen["attention"], seen["dtype"], seen["device"], seen["prediction"], seen["use_ema"]) == \
         ("math", "fp32", "cpu", "eps", False)
     assert seen["tiling"]() is True
+
+
+def test_shipped_model_by_path_or_copied_gives_the_default_image(tmp_path, capsys):
+    """The default model's file carries its config: passed by path, or copied to another folder
+    without its YAML, it gives the image the command gives without --checkpoint."""
+    from PIL import Image
+
+    from pipelines.pipeline import DEFAULT_CHECKPOINT
+
+    copy = tmp_path / "elsewhere" / "my-model.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(DEFAULT_CHECKPOINT.read_bytes())
+    outs = []
+    for extra, name in (([], "default.png"), (["--checkpoint", str(DEFAULT_CHECKPOINT)], "path.png"),
+                        (["--checkpoint", str(copy)], "copy.png")):
+        code, out, err = run(["txt2img", "a red circle on a blue background", "--seed", "3", "--steps", "4",
+                              "-o", str(tmp_path / name), "-q", *extra], capsys)
+        assert code == 0, err
+        outs.append(Image.open(tmp_path / name))
+    pixels = [im.tobytes() for im in outs]
+    assert pixels[0] == pixels[1] == pixels[2]
+    hashes = {im.info["parameters"].split("Model hash: ")[1].split(",")[0] for im in outs}
+    assert len(hashes) == 1  # the same file

@@ -24,7 +24,7 @@ def test_info_prints_stored_parameters(tmp_path, capsys):
     assert code == 0 and json.loads(out) == params
 
 
-def test_info_on_checkpoint(tiny, capsys):
+def test_info_on_checkpoint(tiny, capsys, tmp_path):
     from safetensors import safe_open
 
     path = tiny / "tiny.safetensors"
@@ -32,7 +32,8 @@ def test_info_on_checkpoint(tiny, capsys):
         keys = list(f.keys())
     code, out, err = run(["info", path], capsys)
     assert code == 0, err
-    assert "family: sd1 (config v1-inference)" in out
+    assert "family: sd1\n" in out
+    assert "config: the file's own config (ldm_config metadata)" in out  # written by save_checkpoint
     assert f"keys:   {len(keys)}\n" in out
     assert f"dtype:  float32 ({len(keys)} tensors)" in out
     assert f"({path.stat().st_size} bytes)" in out
@@ -40,3 +41,9 @@ def test_info_on_checkpoint(tiny, capsys):
     code, out, err = run(["info", path, "--json"], capsys)
     info = json.loads(out)
     assert info["family"].startswith("sd1") and info["keys"] == len(keys) and info["rules"]
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "bare.safetensors"  # the same tensors without the config metadata
+    save_file(load_file(str(path)), str(bare))
+    code, out, err = run(["info", bare], capsys)
+    assert "config: built-in config v1-inference (detected sd1)" in out

@@ -392,6 +392,57 @@ def test_save_round_trip(tmp_path, half):
         save_checkpoint(model, path, metadata={"steps": 5})
 
 
+@pytest.mark.parametrize("kind", ["sd1", "sd2-v", "sd1-inpaint"])
+def test_saved_files_carry_their_config(tmp_path, kind):
+    """A file written by save_checkpoint loads anywhere without a config, and equals the same
+    weights loaded with their YAML; a sidecar YAML or an explicit config still wins."""
+    from ldm.checkpoint import embedded_config
+    from ldm.config import parse_config
+
+    model = _model(kind)
+    path = tmp_path / "a" / "model.safetensors"
+    path.parent.mkdir()
+    save_checkpoint(model, path)
+    assert embedded_config(path) == model.config == parse_config(tiny_tree(kind))
+    copy = tmp_path / "b" / "renamed.safetensors"  # a copy elsewhere, no YAML beside it
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    loaded = load_model(copy)
+    assert loaded.config == model.config and "ldm_config" in loaded.source.config_source
+    yaml_path = tmp_path / "config.yaml"
+    yaml_path.write_text(yaml.safe_dump(tiny_tree(kind)))
+    with_yaml = load_model(path, yaml_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v) and torch.equal(with_yaml.state_dict()[k], v), k
+    # precedence: explicit config, then the sidecar YAML, then the file's own
+    other = tiny_tree(kind)
+    other["sampling"] = {"guidance_scale": 1.5, "num_inference_steps": 3, "scheduler": "euler"}
+    copy.with_suffix(".yaml").write_text(yaml.safe_dump(other))
+    assert load_model(copy).config.sampling.guidance_scale == 1.5
+    assert "sidecar" in load_model(copy).source.config_source
+    assert load_model(copy, model.config).config.sampling == model.config.sampling
+
+
+def test_a_broken_embedded_config_is_one_line(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in _state().items()}, str(path), metadata={"ldm_config": "{nope"})
+    assert "ldm_config metadata is not valid JSON" in error_line(load_model, path)
+    tree = tiny_tree("sd1")
+    tree["model"]["params"]["unet_config"]["params"]["context_dim"] = 7
+    save_file({k: v.contiguous() for k, v in _state().items()}, str(path),
+              metadata={"ldm_config": json.dumps(tree)})
+    text = error_line(load_model, path)
+    assert "ldm_config metadata" in text and "context_dim" in text and "\n" not in text
+
+
+def test_shipped_model_carries_its_config():
+    from ldm.checkpoint import embedded_config
+    from ldm.config import load_config
+    from pipelines.pipeline import DEFAULT_CHECKPOINT, DEFAULT_CONFIG
+
+    assert embedded_config(DEFAULT_CHECKPOINT) == load_config(DEFAULT_CONFIG)
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "keep.safetensors"
     path.write_bytes(b"previous contents")

@@ -259,3 +259,18 @@ def test_sampling_section_is_read(tmp_path):
 def test_bad_sampling_section(tmp_path, section, fragment):
     assert fragment in load_error(tmp_path, edited(lambda t: t.update(sampling=section)))
 
+
+
+@pytest.mark.parametrize("source", ["v1-inference", "v2-inference-v", "v1-inpainting-inference",
+                                    "v2-inpainting-inference", "tiny-shapes", "sd1", "sd2-v", "sd1-inpaint"])
+def test_config_tree_reads_back_to_the_same_config(source):
+    import json
+
+    from ldm.config import builtin_config, config_tree, parse_config
+    from reference.tiny import tiny_config
+
+    cfg = builtin_config(source) if "-" in source and not source.startswith("sd") else tiny_config(source)
+    tree = json.loads(json.dumps(config_tree(cfg)))  # what a file header carries
+    assert parse_config(tree) == cfg
+    changed = cfg.replace(unet=cfg.unet.__class__(**{**cfg.unet.__dict__, "model_channels": cfg.unet.model_channels + 32}))
+    assert parse_config(json.loads(json.dumps(config_tree(changed)))) != cfg
