@@ -62,13 +62,18 @@ def _checkpoint_info(path: Path, as_json: bool) -> int:
         family, rules = "unknown", [str(exc)]
     from ldm.checkpoint import resolve_config
     from ldm.config import ConfigError
+    config_rules: list[str] = []
     try:  # the config loading would use, and where it comes from
-        config = resolve_config(None, path, state)[1]
+        cfg, config, found_family = resolve_config(None, path, state)
+        if config.startswith("inferred"):
+            from ldm.config import builtin_config
+            from ldm.infer_config import infer_config
+            config_rules = infer_config(state, builtin_config(found_family.config_name), path=path)[1]
     except (CheckpointError, ConfigError) as exc:
         config = f"none ({exc})"
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state.values())
     size = path.stat().st_size
-    fields = {"file": str(path), "family": family, "rules": rules, "config": config, "keys": len(state),
+    fields = {"file": str(path), "family": family, "rules": rules, "config": config, "config_rules": config_rules, "keys": len(state),
               "dtype": ", ".join(f"{d} ({c} tensors)" for d, c in dtypes.most_common()) or "none",
               "size": size}
     if as_json:
@@ -80,6 +85,8 @@ def _checkpoint_info(path: Path, as_json: bool) -> int:
     for rule in rules:
         print(f"  - {rule}")
     print(f"config: {config}")
+    for rule in config_rules:
+        print(f"  - {rule}")
     print(f"keys:   {len(state)}")
     print(f"dtype:  {fields['dtype']}")
     print(f"size:   {_human_size(size)} ({size} bytes)")

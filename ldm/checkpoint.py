@@ -15,6 +15,7 @@ import torch
 from .config import ConfigError, ModelConfig, builtin_config, config_tree, load_config, parse_config
 from .detect import Detection, detect, sidecar_config_path
 from .diffusers_folder import load_diffusers_folder
+from .infer_config import infer_config
 from .model import LatentDiffusion, LoadInfo, make_betas
 from .weights_io import (CheckpointError, file_error, parse_dtype, read_safetensors_metadata, read_weights,
                          write_safetensors)
@@ -186,8 +187,14 @@ def resolve_config(config, path: Path, sd, prediction=None) -> tuple[ModelConfig
         return load_config(sidecar), f"sidecar config {sidecar}", detection
     if embedded is not None:
         return embedded, f"the file's own config ({CONFIG_METADATA_KEY} metadata)", detection
-    return (builtin_config(detection.config_name),
-            f"built-in config {detection.config_name} (detected {detection.family})", detection)
+    base = builtin_config(detection.config_name)
+    # the architecture from the tensor shapes; a file of the family's standard size keeps the
+    # built-in config itself
+    inferred, _ = infer_config(sd, base, path=path)
+    if (inferred.unet, inferred.autoencoder, inferred.text) == (base.unet, base.autoencoder, base.text):
+        return base, f"built-in config {detection.config_name} (detected {detection.family})", detection
+    return (inferred, f"inferred from the tensor shapes (detected {detection.family}; the rest from "
+                      f"built-in config {detection.config_name})", detection)
 
 
 def _with_prediction(cfg: ModelConfig, prediction: str | None) -> ModelConfig:

@@ -46,4 +46,5 @@ def test_info_on_checkpoint(tiny, capsys, tmp_path):
     bare = tmp_path / "bare.safetensors"  # the same tensors without the config metadata
     save_file(load_file(str(path)), str(bare))
     code, out, err = run(["info", bare], capsys)
-    assert "config: built-in config v1-inference (detected sd1)" in out
+    # the architecture comes from the shapes, but this tiny file's heads cannot: named, with the fix
+    assert "config: none (" in out and "heads cannot be read from shapes" in out and "--config" in out

@@ -3,6 +3,7 @@ round trips converted by diffusers' own converters, and every error path of load
 reader and writer themselves: test_weights_io.)"""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -171,9 +172,9 @@ def test_wrong_config_reports_shapes_and_the_detected_family(tmp_path):
     assert ("model.diffusion_model.input_blocks.0.0.weight: file [32, 4, 3, 3] vs model [32, 9, 3, 3]"
             in text)
     assert "looks like sd1: config v1-inference" in text
-    # a full-size built-in config on a tiny file: detection picked it, the message says how to fix it
+    # no config at all: the shapes give the architecture, but not this tiny file's heads
     text = error_line(load_model, path)
-    assert "shape mismatches" in text and "pass a config or put model.yaml next to the file" in text
+    assert "heads cannot be read from shapes" in text and "--config" in text
     text = error_line(load_model, path, "v1-inference")
     assert "shape mismatches" in text
 
@@ -509,3 +510,41 @@ def test_benchmark_functions_on_a_tiny_model(tmp_path):
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     result = bench.measure_diffusers(path, folder, dtype=torch.float16)
     assert result["load_s"] > 0
+
+
+# ------------------------------------------------------------------- configs from the tensor shapes
+
+@pytest.mark.parametrize("variant", ["_sd1_variant", "_sd2_linear_variant"])
+def test_files_of_unlisted_widths_load_without_a_config(tmp_path, variant):
+    """No config anywhere (no argument, no YAML, no header): the architecture comes from the shapes
+    (the heads from the family's rule), and the model equals the same weights loaded with the YAML."""
+    from ldm.config import config_tree
+    from tests.ldm import test_infer_config
+
+    cfg = getattr(test_infer_config, variant)()
+    if cfg.unet.in_channels != 4:  # text-to-image latents (what detection accepts)
+        cfg = cfg.replace(channels=4, unet=dataclasses.replace(cfg.unet, in_channels=4, out_channels=4),
+                          autoencoder=dataclasses.replace(cfg.autoencoder, embed_dim=4, z_channels=4))
+    model = randomize_(LatentDiffusion(cfg), seed=1).eval()
+    path = _write(tmp_path, {k: v.contiguous() for k, v in model.state_dict().items()}, "bare.safetensors")
+    loaded = load_model(path, prediction=cfg.parameterization)
+    assert loaded.source.config_source.startswith("inferred from the tensor shapes")
+    yaml_path = tmp_path / "cfg.yaml"
+    yaml_path.write_text(yaml.safe_dump(config_tree(cfg)))
+    reference = load_model(path, yaml_path)
+    assert (loaded.config.unet, loaded.config.text) == (reference.config.unet, reference.config.text)
+    for k, v in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    tokens = torch.randint(0, cfg.text.vocab_size, (1, cfg.text.max_length), generator=torch.Generator().manual_seed(2))
+    x = torch.randn(1, cfg.unet.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ctx = reference.get_learned_conditioning(tokens)
+        assert torch.equal(loaded.get_learned_conditioning(tokens), ctx)
+        assert torch.equal(loaded.apply_model(x, torch.tensor([10]), ctx),
+                           reference.apply_model(x, torch.tensor([10]), ctx))
+
+
+def test_heads_the_shapes_cannot_decide_are_one_error_line(tmp_path):
+    path = _write(tmp_path, _state("sd2"), "tiny-sd2.safetensors")  # 32-wide attention, SD2 rule 64
+    text = error_line(load_model, path)
+    assert "heads" in text and "--config" in text and str(path) in text
