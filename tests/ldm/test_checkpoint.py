@@ -548,3 +548,16 @@ def test_heads_the_shapes_cannot_decide_are_one_error_line(tmp_path):
     path = _write(tmp_path, _state("sd2"), "tiny-sd2.safetensors")  # 32-wide attention, SD2 rule 64
     text = error_line(load_model, path)
     assert "heads" in text and "--config" in text and str(path) in text
+
+
+@pytest.mark.parametrize("name, prediction", [("v1-inference", None), ("v2-inference-v", "v"),
+                                              ("v1-inpainting-inference", None)])
+def test_full_size_files_keep_the_standard_configs(tmp_path, name, prediction):
+    from ldm.checkpoint import resolve_config
+    from ldm.config import builtin_config
+
+    cfg = builtin_config(name)
+    with torch.device("meta"):  # shapes only
+        sd = LatentDiffusion(cfg).state_dict()
+    got, source, _ = resolve_config(None, tmp_path / "absent.safetensors", sd, prediction)
+    assert got == cfg and source.startswith(f"built-in config {name}")
