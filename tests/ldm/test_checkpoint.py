@@ -514,17 +514,19 @@ def test_benchmark_functions_on_a_tiny_model(tmp_path):
 
 # ------------------------------------------------------------------- configs from the tensor shapes
 
-@pytest.mark.parametrize("variant", ["_sd1_variant", "_sd2_linear_variant"])
+@pytest.mark.parametrize("variant", ["_sd1_variant", "_sd2_linear_variant", "inpainting"])
 def test_files_of_unlisted_widths_load_without_a_config(tmp_path, variant):
     """No config anywhere (no argument, no YAML, no header): the architecture comes from the shapes
     (the heads from the family's rule), and the model equals the same weights loaded with the YAML."""
     from ldm.config import config_tree
     from tests.ldm import test_infer_config
 
-    cfg = getattr(test_infer_config, variant)()
+    cfg = getattr(test_infer_config, "_sd1_variant" if variant == "inpainting" else variant)()
     if cfg.unet.in_channels != 4:  # text-to-image latents (what detection accepts)
         cfg = cfg.replace(channels=4, unet=dataclasses.replace(cfg.unet, in_channels=4, out_channels=4),
                           autoencoder=dataclasses.replace(cfg.autoencoder, embed_dim=4, z_channels=4))
+    if variant == "inpainting":  # latents + mask + masked-image latents
+        cfg = cfg.replace(conditioning_key="hybrid", unet=dataclasses.replace(cfg.unet, in_channels=9))
     model = randomize_(LatentDiffusion(cfg), seed=1).eval()
     path = _write(tmp_path, {k: v.contiguous() for k, v in model.state_dict().items()}, "bare.safetensors")
     loaded = load_model(path, prediction=cfg.parameterization)
@@ -536,12 +538,14 @@ def test_files_of_unlisted_widths_load_without_a_config(tmp_path, variant):
     for k, v in reference.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     tokens = torch.randint(0, cfg.text.vocab_size, (1, cfg.text.max_length), generator=torch.Generator().manual_seed(2))
-    x = torch.randn(1, cfg.unet.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    concat = torch.randn(1, 5, 8, 8) if variant == "inpainting" else None
+    assert loaded.config.is_inpainting == (variant == "inpainting")
     with torch.no_grad():
         ctx = reference.get_learned_conditioning(tokens)
         assert torch.equal(loaded.get_learned_conditioning(tokens), ctx)
-        assert torch.equal(loaded.apply_model(x, torch.tensor([10]), ctx),
-                           reference.apply_model(x, torch.tensor([10]), ctx))
+        assert torch.equal(loaded.apply_model(x, torch.tensor([10]), ctx, concat),
+                           reference.apply_model(x, torch.tensor([10]), ctx, concat))
 
 
 def test_heads_the_shapes_cannot_decide_are_one_error_line(tmp_path):
