@@ -51,51 +51,54 @@ def write_random_checkpoint(path, cfg, *, dtype=None, seed: int = 0) -> Path:
 
 
 def write_diffusers_config_folder(folder, tree: dict) -> Path:
-    """What ``from_single_file(config=...)`` needs offline: model_index.json, the component configs
-    (derived from the CompVis YAML by diffusers' own functions), scheduler and tokenizer files."""
+    """What ``from_single_file(config=...)`` needs offline, from a CompVis YAML tree: model_index.json,
+    the component configs (derived by diffusers' own functions; heads given per channel are
+    converted), scheduler and tokenizer files. SD2's OpenCLIP text tower becomes a CLIPTextModel
+    without its last block (SD2 conditions on the penultimate one) and its tokenizer pads with "!"."""
     import diffusers
     import torch
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (create_unet_diffusers_config_from_ldm,
                                                      create_vae_diffusers_config_from_ldm)
     from transformers import CLIPTextConfig
 
+    from benchmarks.speed_models import _diffusers_tree
     from ldm.config import parse_config
     from ldm.model import LatentDiffusion
     from ldm.modules.tokenizer import EOT, SOT
     from reference.tokenizer import clip_tokenizer
 
     cfg = parse_config(tree, "benchmark config")
-    if cfg.text.kind != "clip":
-        raise ValueError("the load benchmark builds SD1-style (CLIP text encoder) folders only")
     with torch.device("meta"):
         shapes = LatentDiffusion(cfg).state_dict()
-    folder = Path(folder)
+    folder, dtree = Path(folder), _diffusers_tree(tree)
     with init_empty_weights():
-        UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(tree, shapes)).save_config(
+        UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(dtree, shapes)).save_config(
             folder / "unet")
-        AutoencoderKL(**create_vae_diffusers_config_from_ldm(tree, shapes)).save_config(folder / "vae")
+        AutoencoderKL(**create_vae_diffusers_config_from_ldm(dtree, shapes)).save_config(folder / "vae")
     t = cfg.text
     text_config = CLIPTextConfig(
-        vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers,
+        vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers - t.skip_layers(),
         num_attention_heads=t.heads, intermediate_size=int(t.width * t.mlp_ratio),
         max_position_embeddings=t.max_length, hidden_act=t.act, projection_dim=t.projection_dim,
         bos_token_id=SOT, eos_token_id=EOT, pad_token_id=t.pad_token_id)
     text_config.architectures = ["CLIPTextModel"]
     text_config.save_pretrained(folder / "text_encoder")
-    clip_tokenizer().save_pretrained(folder / "tokenizer")
-    PNDMScheduler(beta_start=cfg.linear_start, beta_end=cfg.linear_end, beta_schedule="scaled_linear",
-                  num_train_timesteps=cfg.timesteps, skip_prk_steps=True, steps_offset=1,
-                  set_alpha_to_one=False).save_config(folder / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None], "image_encoder": [None, None],
-        "requires_safety_checker": False, "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
+    pad = "<|endoftext|>" if t.pad_token_id == EOT else "!"  # SD1's and SD2's padding
+    clip_tokenizer(pad, t.max_length).save_pretrained(folder / "tokenizer")
+    DPMSolverMultistepScheduler(
+        beta_start=cfg.linear_start, beta_end=cfg.linear_end, beta_schedule="scaled_linear",
+        num_train_timesteps=cfg.timesteps, steps_offset=1, timestep_spacing="leading",
+        prediction_type="v_prediction" if cfg.parameterization == "v" else "epsilon",
+    ).save_config(folder / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "feature_extractor": [None, None], "image_encoder": [None, None],
+             "requires_safety_checker": False, "safety_checker": [None, None],
+             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 

@@ -167,59 +167,6 @@ def _diffusers(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------- fixtures
 
-def write_config_folder(folder: Path, tree: dict) -> Path:
-    """An offline diffusers config folder for ``from_single_file(config=...)`` from a CompVis YAML
-    tree, for the models ``load_checkpoint.write_diffusers_config_folder`` does not cover: the
-    default model (heads given per channel) and SD2 (OpenCLIP text tower as a CLIPTextModel without
-    its last block, since SD2 conditions on the penultimate one; tokenizer padding with "!")."""
-    import diffusers
-    import torch
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (create_unet_diffusers_config_from_ldm,
-                                                     create_vae_diffusers_config_from_ldm)
-    from transformers import CLIPTextConfig
-
-    from benchmarks.speed_models import _diffusers_tree
-    from ldm.config import parse_config
-    from ldm.model import LatentDiffusion
-    from ldm.modules.tokenizer import EOT, SOT
-    from reference.tokenizer import clip_tokenizer
-
-    cfg = parse_config(tree, "benchmark config")
-    with torch.device("meta"):
-        shapes = LatentDiffusion(cfg).state_dict()
-    folder, dtree = Path(folder), _diffusers_tree(tree)
-    with init_empty_weights():
-        UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(dtree, shapes)).save_config(
-            folder / "unet")
-        AutoencoderKL(**create_vae_diffusers_config_from_ldm(dtree, shapes)).save_config(folder / "vae")
-    t = cfg.text
-    text_config = CLIPTextConfig(
-        vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers - t.skip_layers(),
-        num_attention_heads=t.heads, intermediate_size=int(t.width * t.mlp_ratio),
-        max_position_embeddings=t.max_length, hidden_act=t.act, projection_dim=t.projection_dim,
-        bos_token_id=SOT, eos_token_id=EOT, pad_token_id=t.pad_token_id)
-    text_config.architectures = ["CLIPTextModel"]
-    text_config.save_pretrained(folder / "text_encoder")
-    pad = "<|endoftext|>" if t.pad_token_id == EOT else "!"  # SD1's and SD2's padding
-    clip_tokenizer(pad, t.max_length).save_pretrained(folder / "tokenizer")
-    DPMSolverMultistepScheduler(
-        beta_start=cfg.linear_start, beta_end=cfg.linear_end, beta_schedule="scaled_linear",
-        num_train_timesteps=cfg.timesteps, steps_offset=1, timestep_spacing="leading",
-        prediction_type="v_prediction" if cfg.parameterization == "v" else "epsilon",
-    ).save_config(folder / "scheduler")
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-             "feature_extractor": [None, None], "image_encoder": [None, None],
-             "requires_safety_checker": False, "safety_checker": [None, None],
-             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
-
-
 def prepare(section: str, workdir: Path) -> tuple[Path, Path, Path]:
     """(checkpoint, diffusers config folder, CompVis YAML) for a section, written once."""
     import yaml
@@ -232,7 +179,8 @@ def prepare(section: str, workdir: Path) -> tuple[Path, Path, Path]:
     if section not in FULL_SIZE:
         folder = workdir / DEFAULT_FOLDER
         if not (folder / "model_index.json").exists():
-            write_config_folder(folder, yaml.safe_load(Path(DEFAULT_CONFIG).read_text()))
+            tree = yaml.safe_load(Path(DEFAULT_CONFIG).read_text())
+            load_checkpoint.write_diffusers_config_folder(folder, tree)
         return Path(DEFAULT_CHECKPOINT), folder, Path(DEFAULT_CONFIG)
     stem, name, folder_name = FULL_SIZE[section]
     checkpoint, folder, yaml_path = workdir / name, workdir / folder_name, CONFIG_DIR / f"{stem}.yaml"
@@ -246,10 +194,7 @@ def prepare(section: str, workdir: Path) -> tuple[Path, Path, Path]:
               f"{time.perf_counter() - start:.0f} s", flush=True)
     if not (folder / "model_index.json").exists():
         tree = yaml.safe_load(yaml_path.read_text())
-        if section == "sd15":  # the load benchmark's folder (shared with it through the workdir)
-            load_checkpoint.write_diffusers_config_folder(folder, tree)
-        else:
-            write_config_folder(folder, tree)
+        load_checkpoint.write_diffusers_config_folder(folder, tree)
     return checkpoint, folder, yaml_path
 
 
