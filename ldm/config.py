@@ -138,8 +138,12 @@ class ModelConfig:
 _LDM_TARGETS = {
     "ldm.models.diffusion.ddpm.LatentDiffusion": "crossattn",
     "ldm.models.diffusion.ddpm.LatentInpaintDiffusion": "hybrid",
+    # ControlNet's cldm_v15/v21.yaml: the base model is read here, the ControlNet by
+    # ldm.controlnet_config from model.params.control_stage_config
+    "cldm.cldm.ControlLDM": "crossattn",
 }
-_UNET_TARGETS = {"ldm.modules.diffusionmodules.openaimodel.UNetModel"}
+_UNET_TARGETS = ("ldm.modules.diffusionmodules.openaimodel.UNetModel",  # the first is written out
+                 "cldm.cldm.ControlledUnetModel")
 _VAE_TARGETS = {"ldm.models.autoencoder.AutoencoderKL"}
 _TEXT_TARGETS = {
     "ldm.modules.encoders.modules.FrozenCLIPEmbedder": "clip",
@@ -209,6 +213,7 @@ _LDM_IGNORED = {
     "unet_trainable", "ucg_training", "reset_ema", "reset_num_ema_updates", "loss_type",
     "learn_logvar", "logvar_init", "l_simple_weight", "original_elbo_weight", "v_posterior",
     "use_positional_encodings", "make_it_fit", "low_scale_key", "noise_aug_config",
+    "control_key", "only_mid_control", "control_stage_config",
 }
 _UNET_IGNORED = {"image_size", "use_fp16", "use_spatial_transformer", "num_heads_upsample",
                  "conv_resample", "dims", "resblock_updown", "use_scale_shift_norm",

@@ -76,12 +76,15 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = cfg.conditioning_key
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                concat: torch.Tensor | None = None) -> torch.Tensor:
+                concat: torch.Tensor | None = None,
+                control: list[torch.Tensor] | None = None) -> torch.Tensor:
         if self.conditioning_key == "hybrid":
             if concat is None:
                 raise ValueError("an inpainting model needs mask and masked-image latents (concat)")
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
-        return self.diffusion_model(x, t, context)
+        if control is None:
+            return self.diffusion_model(x, t, context)
+        return self.diffusion_model(x, t, context, control=control)
 
 
 class LatentDiffusion(nn.Module):
@@ -145,17 +148,21 @@ class LatentDiffusion(nn.Module):
 
     # diffusion
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                    concat: torch.Tensor | None = None) -> torch.Tensor:
+                    concat: torch.Tensor | None = None,
+                    control: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The UNet's raw output (ε or v, per ``config.parameterization``).
 
         ``context`` may hold k × as many rows as ``x_t``: the batch is then evaluated under each of
         the k conditionings (classifier-free guidance's [uncond, cond] with k = 2), as if ``x_t``,
         ``t`` and ``concat`` were repeated k times (which is what happens without speed applied); with
         the speed option ``shared_cfg_prefix`` the layers before the UNet's first cross-attention
-        run once for all k."""
+        run once for all k.
+
+        ``control``: ControlNet residuals (see ``UNetModel.forward``), with one row per row of
+        ``context``."""
         copies = guidance_copies(x_t, context)
         if copies > 1 and not (self.speed is not None and self.speed.shared_cfg_prefix):
             x_t = torch.cat([x_t] * copies)
             t = torch.cat([t] * copies) if t.dim() else t
             concat = None if concat is None else torch.cat([concat] * copies)
-        return self.model(x_t, t, context, concat)
+        return self.model(x_t, t, context, concat, control)

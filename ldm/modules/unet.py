@@ -101,12 +101,48 @@ class ResBlock(nn.Module):
         return self._forward(x, emb)
 
 
+def spatial_transformer(cfg: UNetConfig, ch: int) -> SpatialTransformer:
+    """The cross-attention transformer of a UNet level with ``ch`` channels."""
+    heads, dim_head = cfg.heads_and_dim(ch)
+    return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+                              cfg.use_linear_in_transformer, cfg.dropout)
+
+
+def build_encoder(cfg: UNetConfig) -> tuple[nn.Sequential, nn.ModuleList, TimestepEmbedSequential,
+                                             list[int]]:
+    """The UNet's first half: ``time_embed``, ``input_blocks`` and ``middle_block`` (shared by
+    :class:`UNetModel` and the ControlNet, whose copy has the same keys), and the channel count of
+    each input block's output (the skip connections)."""
+    mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
+    time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    input_blocks = nn.ModuleList(
+        [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    skip_channels, ch, ds = [mc], mc, 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout)]
+            ch = mult * mc
+            if ds in cfg.attention_resolutions:
+                layers.append(spatial_transformer(cfg, ch))
+            input_blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+            ds *= 2
+    middle_block = TimestepEmbedSequential(
+        ResBlock(ch, emb_dim, ch, cfg.dropout), spatial_transformer(cfg, ch),
+        ResBlock(ch, emb_dim, ch, cfg.dropout))
+    return time_embed, input_blocks, middle_block, skip_channels
+
+
 class UNetRunner(Protocol):
     """Runs a :class:`UNetModel` in place of its plain forward: the same function (the outputs may
     differ by float rounding), computed another way. Installed in ``UNetModel.runner``."""
 
     def __call__(self, unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor,
-                 context: torch.Tensor) -> torch.Tensor: ...
+                 context: torch.Tensor, control: list[torch.Tensor] | None = None
+                 ) -> torch.Tensor: ...
 
 
 class UNetModel(nn.Module):
@@ -116,31 +152,8 @@ class UNetModel(nn.Module):
         super().__init__()
         self.config = cfg
         mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-
-        def transformer(ch: int) -> SpatialTransformer:
-            heads, dim_head = cfg.heads_and_dim(ch)
-            return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
-                                      cfg.use_linear_in_transformer, cfg.dropout)
-
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_channels, ch, ds = [mc], mc, 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout)]
-                ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, cfg.dropout), transformer(ch), ResBlock(ch, emb_dim, ch, cfg.dropout))
+        self.time_embed, self.input_blocks, self.middle_block, skip_channels = build_encoder(cfg)
+        ch, ds = skip_channels[-1], 2 ** (len(cfg.channel_mult) - 1)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -148,7 +161,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, cfg.dropout)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(spatial_transformer(cfg, ch))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -169,15 +182,20 @@ class UNetModel(nn.Module):
 
     def embed_time(self, timesteps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The time embedding of each sample of ``x`` (one timestep is shared by all)."""
-        if timesteps.dim() == 0:
-            timesteps = timesteps[None]
-        timesteps = timesteps.expand(x.shape[0])
-        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
-        return self.time_embed(t_emb)
+        return embed_time(self.time_embed, self.config.model_channels, timesteps, x)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``control``: a ControlNet's residuals, one per input block then one for the middle
+        block, each added to that block's output where the decoder reads it (the skip connection;
+        the encoder itself runs on unchanged values), as diffusers adds
+        ``down_block_additional_residuals`` and ``mid_block_additional_residual``."""
+        if control is not None:
+            check_control(self, control)
         if self.runner is not None:
-            return self.runner(self, x, timesteps, context)
+            if control is None:  # runners written before control residuals take four arguments
+                return self.runner(self, x, timesteps, context)
+            return self.runner(self, x, timesteps, context, control=control)
         emb = self.embed_time(timesteps, x)
         context = context.to(x.dtype)
         skips = []
@@ -186,9 +204,29 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            skips = [skip + residual.to(skip.dtype) for skip, residual in zip(skips, control)]
+            h = h + control[-1].to(h.dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             up_size = tuple(skips[-1].shape[-2:]) if skips else None
             h = block(h, emb, context, up_size)
         return self.out(h)
 
+
+def embed_time(time_embed: nn.Module, model_channels: int, timesteps: torch.Tensor,
+               x: torch.Tensor) -> torch.Tensor:
+    """``time_embed`` of the sinusoidal embedding of each sample's timestep (one may be shared)."""
+    if timesteps.dim() == 0:
+        timesteps = timesteps[None]
+    timesteps = timesteps.expand(x.shape[0])
+    t_emb = timestep_embedding(timesteps, model_channels).to(x.dtype)
+    return time_embed(t_emb)
+
+
+def check_control(unet: UNetModel, control: list[torch.Tensor]) -> None:
+    """Control residuals must be one per input block plus one for the middle block."""
+    expected = len(unet.input_blocks) + 1
+    if len(control) != expected:
+        raise ValueError(f"control has {len(control)} residuals; this UNet takes {expected} "
+                         f"(one per input block and one for the middle block)")

@@ -81,10 +81,11 @@ class UNetRunner:
         self.prepack: bool | None = None  # in a run: None no packing, False reuse only, True pack
 
     def __call__(self, unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor,
-                 context: torch.Tensor) -> torch.Tensor:
-        if self.graphs is not None and not torch.compiler.is_compiling():
+                 context: torch.Tensor, control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        # a call with control residuals runs eagerly (the captured graphs take x, t and context)
+        if self.graphs is not None and control is None and not torch.compiler.is_compiling():
             return self.graphs(self.walk, unet, x, timesteps, context)
-        return self.walk(unet, x, timesteps, context)
+        return self.walk(unet, x, timesteps, context, control)
 
     @contextlib.contextmanager
     def prepacking(self, calls: int | None = None):
@@ -114,8 +115,10 @@ class UNetRunner:
         self.packs = weakref.WeakKeyDictionary()
 
     def walk(self, unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor,
-             context: torch.Tensor) -> torch.Tensor:
-        """``UNetModel.forward``, with the changes of the module docstring."""
+             context: torch.Tensor, control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``UNetModel.forward``, with the changes of the module docstring. ``control`` residuals
+        have one row per row of ``context``: a skip from the shared prefix is repeated to that
+        batch before its residual is added."""
         copies = guidance_copies(x, context)
         emb = unet.embed_time(timesteps, x)
         context = context.to(x.dtype)
@@ -133,10 +136,15 @@ class UNetRunner:
         if copies > 1:  # no cross-attention before the middle block
             h, emb = torch.cat([h] * copies), torch.cat([emb] * copies)
         h = self.block(unet.middle_block, h, emb, context)
+        residuals = list(control) if control is not None else []
+        if residuals:
+            h = h + residuals.pop().to(h.dtype)
         for block in unet.output_blocks:
             skip = skips.pop()
             if skip.shape[0] != h.shape[0]:  # a skip from the shared part
                 skip = torch.cat([skip] * (h.shape[0] // skip.shape[0]))
+            if residuals:
+                skip = skip + residuals.pop().to(skip.dtype)
             h = torch.cat([h, skip], dim=1)
             up_size = tuple(skips[-1].shape[-2:]) if skips else None
             h = self.block(block, h, emb, context, up_size)
