@@ -50,19 +50,21 @@ def _image_info(path: Path, as_json: bool) -> int:
 
 
 def _checkpoint_info(path: Path, as_json: bool) -> int:
-    from collections import Counter
-
     from ldm.detect import detect
     from ldm.weights_io import CheckpointError, read_state_dict
     state = read_state_dict(path)  # not a checkpoint at all: CheckpointError, reported as the error
+    from ldm.config import ConfigError
+    from ldm.controlnet_loading import is_controlnet
+    config_rules: list[str] = []
+    if is_controlnet(state):
+        family, rules, config, config_rules = _controlnet_info(path, state)
+        return _print_checkpoint(path, state, family, rules, config, config_rules, as_json)
     try:
         found = detect(state, path=path)
         family, rules = found.family, list(found.rules)
     except CheckpointError as exc:  # readable, but not an SD1/SD2 model: still worth describing
         family, rules = "unknown", [str(exc)]
     from ldm.checkpoint import resolve_config
-    from ldm.config import ConfigError
-    config_rules: list[str] = []
     try:  # the config loading would use, and where it comes from
         cfg, config, found_family = resolve_config(None, path, state)
         if config.startswith("inferred"):
@@ -71,6 +73,32 @@ def _checkpoint_info(path: Path, as_json: bool) -> int:
             config_rules = infer_config(state, builtin_config(found_family.config_name), path=path)[1]
     except (CheckpointError, ConfigError) as exc:
         config = f"none ({exc})"
+    return _print_checkpoint(path, state, family, rules, config, config_rules, as_json)
+
+
+def _controlnet_info(path: Path, state) -> tuple[str, list[str], str, list[str]]:
+    """A ControlNet file's family, the rule that told it, its config's source and rules."""
+    from ldm.config import ConfigError
+    from ldm.controlnet_loading import (controlnet_family, infer_controlnet_config,
+                                        resolve_controlnet_config)
+    from ldm.weights_io import CheckpointError
+    kind = controlnet_family(state)
+    family = f"controlnet ({kind or 'unknown'})"
+    rules = ["input_hint_block.* / zero_convs.* keys: an original-layout ControlNet"]
+    if kind:
+        rules.append(f"cross-attention context width {768 if kind == 'sd1' else 1024}: {kind}")
+    try:
+        _, config = resolve_controlnet_config(None, path, state)
+        config_rules = infer_controlnet_config(state, path=path)[1]
+    except (CheckpointError, ConfigError) as exc:
+        config, config_rules = f"none ({exc})", []
+    return family, rules, config, config_rules
+
+
+def _print_checkpoint(path: Path, state, family: str, rules: list[str], config: str,
+                      config_rules: list[str], as_json: bool) -> int:
+    from collections import Counter
+
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state.values())
     size = path.stat().st_size
     fields = {"file": str(path), "family": family, "rules": rules, "config": config, "config_rules": config_rules, "keys": len(state),

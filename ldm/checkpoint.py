@@ -20,7 +20,8 @@ from .model import LatentDiffusion, LoadInfo, make_betas
 from .weights_io import (CheckpointError, file_error, parse_dtype, read_safetensors_metadata, read_weights,
                          write_safetensors)
 
-__all__ = ["load_model", "prepare_state_dict", "save_checkpoint", "resolve_config", "embedded_config"]
+__all__ = ["load_model", "prepare_state_dict", "check_keys", "cast_weights", "save_checkpoint",
+           "resolve_config", "embedded_config"]
 
 # CompVis LatentDiffusion registers its whole noise schedule as buffers; we derive it from the config.
 SCHEDULE_KEYS = (
@@ -39,7 +40,8 @@ _EMA_BOOKKEEPING = {"decay", "num_updates"}
 
 # ------------------------------------------------------------------------------ checking the keys
 
-def _listing(keys: list[str], what: str, limit: int = 5) -> str:
+def listing(keys: list[str], what: str, limit: int = 5) -> str:
+    """``"N what (a, b, c, ... M more)"``: a count and the first ``limit`` names."""
     more = f", ... {len(keys) - limit} more" if len(keys) > limit else ""
     return f"{len(keys)} {what} ({', '.join(keys[:limit])}{more})"
 
@@ -81,7 +83,7 @@ def _ema_tensors(ema: dict[str, torch.Tensor], expected: Mapping, path) -> dict[
             missing.append(key)
     if missing:
         raise file_error(path, "EMA weights incomplete: "
-                         + _listing(missing, "UNet tensors without a model_ema entry"))
+                         + listing(missing, "UNet tensors without a model_ema entry"))
     return out
 
 
@@ -112,22 +114,37 @@ def prepare_state_dict(sd: Mapping[str, torch.Tensor], model: torch.nn.Module, c
     if use_ema:
         kept.update(_ema_tensors(ema, expected, path))
 
+    check_keys(kept, expected, path=path, hint=hint)
+    return cast_weights(kept, dtype, release=release, channels_last=channels_last)
+
+
+def check_keys(kept: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, path,
+               what: str = "the model config", hint: str = "") -> None:
+    """Every key of ``expected`` in ``kept`` with the same shape, and no other: else one
+    CheckpointError naming the missing and unexpected keys and the shape mismatches."""
     missing = [k for k in expected if k not in kept]
     unexpected = [k for k in kept if k not in expected]
     shapes = [f"{k}: file {list(kept[k].shape)} vs model {list(expected[k].shape)}"
               for k in expected if k in kept and kept[k].shape != expected[k].shape]
     problems = []
     if missing:
-        problems.append(_listing(missing, "missing keys"))
+        problems.append(listing(missing, "missing keys"))
     if unexpected:
-        problems.append(_listing(unexpected, "unexpected keys"))
+        problems.append(listing(unexpected, "unexpected keys"))
     if shapes:
-        problems.append(_listing(shapes, "shape mismatches", limit=3))
+        problems.append(listing(shapes, "shape mismatches", limit=3))
     if problems:
-        raise file_error(path, "does not fit the model config: " + "; ".join(problems) + hint)
+        raise file_error(path, f"does not fit {what}: " + "; ".join(problems) + hint)
 
+
+def cast_weights(kept: Mapping[str, torch.Tensor], dtype: torch.dtype, *,
+                 release: Callable[[torch.Tensor], None] | None = None, channels_last: bool = False,
+                 channels_last_prefixes: tuple[str, ...] = CHANNELS_LAST_PREFIXES
+                 ) -> dict[str, torch.Tensor]:
+    """Floats cast to ``dtype`` (and 4-D weights under ``channels_last_prefixes`` laid out NHWC
+    when ``channels_last``), on a few threads; ``release(original)`` after each copy."""
     def convert(k: str, v: torch.Tensor) -> torch.Tensor:
-        nhwc = channels_last and v.dim() == 4 and k.startswith(CHANNELS_LAST_PREFIXES)
+        nhwc = channels_last and v.dim() == 4 and k.startswith(channels_last_prefixes)
         if not (v.is_floating_point() and (v.dtype != dtype or nhwc)):
             return v
         # only here is a copy made, at most one per tensor
@@ -205,11 +222,11 @@ def _with_prediction(cfg: ModelConfig, prediction: str | None) -> ModelConfig:
     return cfg.replace(parameterization=prediction)
 
 
-def _assert_materialised(model: torch.nn.Module, path) -> None:
+def assert_materialised(model: torch.nn.Module, path) -> None:
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise file_error(path, "internal error: "
-                         + _listing(left, "tensors were left on the meta device"))
+                         + listing(left, "tensors were left on the meta device"))
 
 
 def _load_folder(path: Path, config, dtype, device, use_ema, prediction) -> LatentDiffusion:
@@ -262,7 +279,7 @@ def load_model(path, config=None, *, dtype=torch.float32, device="cpu", use_ema:
                                  channels_last=channels_last)
     del sd, mapped
     model.load_state_dict(weights, strict=True, assign=True)
-    _assert_materialised(model, path)
+    assert_materialised(model, path)
     model.eval()
     if torch.device(device).type != "cpu":
         model.to(device)
@@ -286,7 +303,7 @@ def save_checkpoint(model: LatentDiffusion, path, *, half: bool = False,
     state = model.state_dict()
     on_meta = [k for k, v in state.items() if v.is_meta]
     if on_meta:
-        raise ValueError(f"cannot save {path}: " + _listing(on_meta, "tensors have no data (meta)"))
+        raise ValueError(f"cannot save {path}: " + listing(on_meta, "tensors have no data (meta)"))
 
     def target(t: torch.Tensor) -> torch.dtype:
         return torch.float16 if half and t.is_floating_point() else t.dtype

@@ -33,7 +33,7 @@ OPENCLIP = "cond_stage_model.model."
 _PASS_CONFIG = "pass a config (--config FILE.yaml)"
 
 
-class _Shapes:
+class Shapes:
     """Shape look-ups on a state dict; missing keys become one-line CheckpointErrors."""
 
     def __init__(self, state_dict: Mapping[str, torch.Tensor], where: str):
@@ -58,7 +58,7 @@ class _Shapes:
         return sorted(found)
 
 
-def _dense(sh: _Shapes, indices: list[int], what: str) -> int:
+def dense_count(sh: Shapes, indices: list[int], what: str) -> int:
     if indices != list(range(len(indices))):
         raise sh.error(f"{what} are numbered {indices}, not 0..{len(indices) - 1}; "
                        "not a layout this loader knows")
@@ -67,7 +67,7 @@ def _dense(sh: _Shapes, indices: list[int], what: str) -> int:
 
 # ------------------------------------------------------------------------------------------ UNet
 
-def _unet(sh: _Shapes, base: ModelConfig, rules: list[str]):
+def _unet(sh: Shapes, base: ModelConfig, rules: list[str]):
     cfg = base.unet
     mc, in_ch = sh(UNET + "input_blocks.0.0.weight")[:2]
     out_ch = sh(UNET + "out.2.weight")[0]
@@ -76,7 +76,7 @@ def _unet(sh: _Shapes, base: ModelConfig, rules: list[str]):
     rules.append(f"unet.out_channels = {out_ch} (out.2.weight has {out_ch} output channels)")
 
     # input blocks: ResBlocks (+ transformer) grouped into levels by the Downsample blocks
-    n_in = _dense(sh, sh.indices(UNET + "input_blocks."), "input_blocks")
+    n_in = dense_count(sh, sh.indices(UNET + "input_blocks."), "input_blocks")
     levels: list[list[tuple[int, bool]]] = [[]]
     transformers: list[tuple[str, int]] = []  # (key prefix, channels)
     for k in range(1, n_in):
@@ -121,7 +121,7 @@ def _unet(sh: _Shapes, base: ModelConfig, rules: list[str]):
         attention_resolutions = cfg.attention_resolutions  # only membership counts: keep the order
 
     # output blocks must mirror the input side: nrb + 1 per level, attention where the input has it
-    n_out = _dense(sh, sh.indices(UNET + "output_blocks."), "output_blocks")
+    n_out = dense_count(sh, sh.indices(UNET + "output_blocks."), "output_blocks")
     if n_out != len(levels) * (nrb + 1):
         raise sh.error(f"{n_out} output_blocks, expected {len(levels) * (nrb + 1)} for "
                        f"{len(levels)} levels of {nrb} ResBlocks; not a layout this loader knows")
@@ -149,7 +149,7 @@ def _unet(sh: _Shapes, base: ModelConfig, rules: list[str]):
     # transformer internals: depth, context width, projection kind, inner width
     depths, contexts, linear = {}, set(), set()
     for prefix, ch in transformers:
-        depths[prefix] = _dense(sh, sh.indices(prefix + "transformer_blocks."),
+        depths[prefix] = dense_count(sh, sh.indices(prefix + "transformer_blocks."),
                                 prefix.removeprefix(UNET) + "transformer_blocks")
         contexts.add(sh(prefix + "transformer_blocks.0.attn2.to_k.weight")[1])
         proj = sh(prefix + "proj_in.weight")
@@ -196,7 +196,7 @@ def _unet(sh: _Shapes, base: ModelConfig, rules: list[str]):
 
 # ----------------------------------------------------------------------------------- autoencoder
 
-def _autoencoder(sh: _Shapes, base: ModelConfig, rules: list[str]):
+def _autoencoder(sh: Shapes, base: ModelConfig, rules: list[str]):
     cfg = base.autoencoder
     enc, dec = VAE + "encoder.", VAE + "decoder."
     ch, in_ch = sh(enc + "conv_in.weight")[:2]
@@ -213,13 +213,13 @@ def _autoencoder(sh: _Shapes, base: ModelConfig, rules: list[str]):
                  f"maps {embed} to {z} channels)")
     rules.append(f"autoencoder.double_z = {double_z} (encoder.conv_out has {moments} outputs)")
 
-    n_levels = _dense(sh, sh.indices(enc + "down."), "encoder.down levels")
-    if _dense(sh, sh.indices(dec + "up."), "decoder.up levels") != n_levels or not n_levels:
+    n_levels = dense_count(sh, sh.indices(enc + "down."), "encoder.down levels")
+    if dense_count(sh, sh.indices(dec + "up."), "decoder.up levels") != n_levels or not n_levels:
         raise sh.error("the autoencoder's encoder and decoder have different numbers of levels")
     mult, attn_levels, blocks = [], [], set()
     for i in range(n_levels):
         p = f"{enc}down.{i}."
-        blocks.add(_dense(sh, sh.indices(p + "block."), f"encoder.down.{i}.block"))
+        blocks.add(dense_count(sh, sh.indices(p + "block."), f"encoder.down.{i}.block"))
         width = sh(p + "block.0.conv1.weight")[0]
         if width % ch:
             raise sh.error(f"encoder.down.{i} is {width} channels wide, not a multiple of ch {ch}")
@@ -259,7 +259,7 @@ def _mlp_ratio(width: int, inner: int) -> float:
     return ratio
 
 
-def _text(sh: _Shapes, base: ModelConfig, rules: list[str]):
+def _text(sh: Shapes, base: ModelConfig, rules: list[str]):
     cfg = base.text
     has_clip = any(k.startswith(CLIP) for k in sh.sd)
     has_openclip = any(k.startswith(OPENCLIP) for k in sh.sd)
@@ -273,7 +273,7 @@ def _text(sh: _Shapes, base: ModelConfig, rules: list[str]):
     if kind == "clip":
         vocab, width = sh(CLIP + "embeddings.token_embedding.weight")
         max_length = sh(CLIP + "embeddings.position_embedding.weight")[0]
-        layers = _dense(sh, sh.indices(CLIP + "encoder.layers."), "text encoder layers")
+        layers = dense_count(sh, sh.indices(CLIP + "encoder.layers."), "text encoder layers")
         inner = sh(CLIP + "encoder.layers.0.mlp.fc1.weight")[0]
         projection = width
         rules.append(f"text.kind = clip (keys {CLIP}*)")
@@ -286,7 +286,7 @@ def _text(sh: _Shapes, base: ModelConfig, rules: list[str]):
     else:
         vocab, width = sh(OPENCLIP + "token_embedding.weight")
         max_length = sh(OPENCLIP + "positional_embedding")[0]
-        layers = _dense(sh, sh.indices(OPENCLIP + "transformer.resblocks."), "text encoder blocks")
+        layers = dense_count(sh, sh.indices(OPENCLIP + "transformer.resblocks."), "text encoder blocks")
         inner = sh(OPENCLIP + "transformer.resblocks.0.mlp.c_fc.weight")[0]
         projection = sh(OPENCLIP + "text_projection")[1]
         rules.append(f"text.kind = openclip (keys {OPENCLIP}*)")
@@ -319,7 +319,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], base: ModelConfig, *,
     (``builtin_config(detection.config_name)``); its other fields are kept. Raises
     :class:`~ldm.weights_io.CheckpointError` (``"<path>: <problem>"``) where the shapes do not fit
     the schema or the family's head rule."""
-    sh = _Shapes(state_dict, str(path) if path is not None else "state dict")
+    sh = Shapes(state_dict, str(path) if path is not None else "state dict")
     if not any(k.startswith(UNET) for k in state_dict):
         raise sh.error("not a Stable Diffusion checkpoint (no model.diffusion_model.* keys)")
     rules: list[str] = []

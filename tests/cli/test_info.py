@@ -48,3 +48,35 @@ def test_info_on_checkpoint(tiny, capsys, tmp_path):
     code, out, err = run(["info", bare], capsys)
     # the architecture comes from the shapes, but this tiny file's heads cannot: named, with the fix
     assert "config: none (" in out and "heads cannot be read from shapes" in out and "--config" in out
+
+
+def test_info_on_controlnet(capsys, tmp_path):
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ldm.controlnet_config import ControlNetConfig
+    from ldm.modules.controlnet import ControlNet
+    from reference.tiny import tiny_config
+
+    # a tiny ControlNet with SD1's context width (768), so the family and its head rule apply
+    unet = dataclasses.replace(tiny_config("sd1").unet, context_dim=768, num_heads=8)
+    state = ControlNet(ControlNetConfig.from_unet(unet)).state_dict()
+    path = tmp_path / "control_tiny.safetensors"
+    save_file({f"control_model.{k}": v.half() for k, v in state.items()}, str(path))
+    code, out, err = run(["info", path], capsys)
+    assert code == 0, err
+    assert "family: controlnet (sd1)\n" in out
+    assert "config: inferred from the tensor shapes (sd1; heads from built-in config v1-inference)" in out
+    assert "  - channel_mult = (1, 2)" in out and "  - num_heads = 8" in out
+    assert f"keys:   {len(state)}\n" in out and f"dtype:  float16 ({len(state)} tensors)" in out
+    code, out, err = run(["info", path, "--json"], capsys)
+    info = json.loads(out)
+    assert info["family"] == "controlnet (sd1)" and info["keys"] == len(state)
+    # the tiny configs' context width is no family's: described, with why no config
+    tiny = ControlNet(ControlNetConfig.from_unet(tiny_config("sd2").unet)).state_dict()
+    save_file(dict(tiny), str(path))
+    code, out, err = run(["info", path], capsys)
+    assert code == 0 and "family: controlnet (unknown)\n" in out
+    assert "config: none (" in out and "heads" in out

@@ -1,0 +1,255 @@
+"""ControlNet weight files → a :class:`~ldm.modules.controlnet.ControlNet`, checked strictly.
+
+Files in the original layout (lllyasviel's ``cldm``: ``input_hint_block``, ``zero_convs``,
+``input_blocks``, ``middle_block``, ``middle_block_out``, ``time_embed``), with or without the
+training model's ``control_model.`` prefix, as safetensors or weights-only pickles. The config is
+the caller's (a :class:`ControlNetConfig`, a cldm YAML or a built-in cldm config stem), else read
+from the tensor shapes: everything but the attention heads, which no shape depends on and which
+come from the base model when one is given, else from the family's rule (context width 768: SD1,
+8 heads; 1024: SD2, 64-wide heads).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .checkpoint import assert_materialised, cast_weights, check_keys
+from .config import ModelConfig, builtin_config
+from .controlnet_config import ControlNetConfig, builtin_cldm_config, load_cldm_config
+from .infer_config import Shapes, dense_count
+from .modules.controlnet import STATE_PREFIX, ControlNet, strip_prefix
+from .weights_io import file_error, parse_dtype, read_weights
+
+__all__ = ["load_controlnet", "infer_controlnet_config", "resolve_controlnet_config",
+           "controlnet_family", "check_fits_base", "is_controlnet", "is_diffusers_controlnet"]
+
+# keys only a ControlNet has (original layout), and those of diffusers' ControlNetModel
+CONTROL_MARKERS = ("input_hint_block.", "zero_convs.", "middle_block_out.")
+DIFFUSERS_MARKERS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+# context width → (family, built-in config whose head rule it follows)
+FAMILIES = {768: ("sd1", "v1-inference"), 1024: ("sd2", "v2-inference")}
+
+
+def _bare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return strip_prefix(dict(state_dict))
+
+
+def is_controlnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Original-layout ControlNet keys (with or without ``control_model.``)."""
+    return any(k.removeprefix(STATE_PREFIX).startswith(CONTROL_MARKERS) for k in state_dict)
+
+
+def is_diffusers_controlnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """diffusers' ``ControlNetModel`` keys."""
+    return any(k.startswith(DIFFUSERS_MARKERS) for k in state_dict)
+
+
+def _context_key(sd: Mapping[str, torch.Tensor]) -> str | None:
+    keys = sorted(k for k in sd if k.endswith("transformer_blocks.0.attn2.to_k.weight")
+                  and k.startswith(("input_blocks.", "middle_block.")))
+    return keys[0] if keys else None
+
+
+def controlnet_family(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """``"sd1"`` / ``"sd2"`` from the cross-attention's context width (768 / 1024), else None."""
+    sd = _bare(state_dict)
+    key = _context_key(sd)
+    if key is None or sd[key].dim() != 2:
+        return None
+    family = FAMILIES.get(int(sd[key].shape[1]))
+    return family[0] if family else None
+
+
+# ------------------------------------------------------------------------------- config inference
+
+def infer_controlnet_config(state_dict: Mapping[str, torch.Tensor], base: ModelConfig | None = None,
+                            *, path=None) -> tuple[ControlNetConfig, list[str]]:
+    """The ControlNet's config from its tensor shapes, and the one-line rules that decided it.
+    Heads (and the fields no weight depends on) come from ``base.unet`` when given, else from the
+    family's built-in config chosen by the context width."""
+    sh = Shapes(_bare(state_dict), str(path) if path is not None else "state dict")
+    rules: list[str] = []
+    mc, in_ch = sh("input_blocks.0.0.weight")[:2]
+    hint = sh("input_hint_block.0.weight")[1]
+    rules.append(f"model_channels = {mc}, in_channels = {in_ch} (input_blocks.0.0.weight)")
+    rules.append(f"hint_channels = {hint} (input_hint_block.0.weight has {hint} input channels)")
+
+    n_in = dense_count(sh, sh.indices("input_blocks."), "input_blocks")
+    levels: list[list[tuple[int, bool]]] = [[]]
+    transformers: list[tuple[str, int]] = []
+    for k in range(1, n_in):
+        p = f"input_blocks.{k}."
+        if sh.has(p + "0.op.weight"):
+            levels.append([])
+        elif sh.has(p + "0.in_layers.2.weight"):
+            ch = sh(p + "0.in_layers.2.weight")[0]
+            attn = sh.has(p + "1.proj_in.weight")
+            if attn:
+                transformers.append((p + "1.", ch))
+            levels[-1].append((ch, attn))
+        else:
+            raise sh.error(f"input_blocks.{k} is neither a ResBlock nor a Downsample; "
+                           "not a ControlNet layout this loader knows")
+    counts = {len(level) for level in levels}
+    if len(counts) != 1 or 0 in counts:
+        raise sh.error(f"ControlNet levels have {[len(lv) for lv in levels]} ResBlocks each; this "
+                       "config schema needs the same number at every level")
+    nrb = counts.pop()
+    mult, attn_levels = [], []
+    for i, level in enumerate(levels):
+        widths, flags = {ch for ch, _ in level}, {a for _, a in level}
+        if len(widths) != 1 or next(iter(widths)) % mc or len(flags) != 1:
+            raise sh.error(f"ControlNet level {i} has ResBlock widths {sorted(widths)} and "
+                           "attention in some blocks only or widths not one multiple of "
+                           f"model_channels {mc}; not a layout this loader knows")
+        mult.append(next(iter(widths)) // mc)
+        if flags.pop():
+            attn_levels.append(i)
+    rules.append(f"channel_mult = {tuple(mult)}, num_res_blocks = {nrb} (ResBlock widths of "
+                 f"input_blocks, levels split at the Downsample blocks)")
+    if not sh.has("middle_block.1.proj_in.weight"):
+        raise sh.error("middle_block.1 is not a SpatialTransformer (no proj_in); "
+                       "not a ControlNet layout this loader knows")
+    transformers.insert(0, ("middle_block.1.", mc * mult[-1]))
+    depths, contexts, linear = set(), set(), set()
+    for prefix, ch in transformers:
+        depths.add(dense_count(sh, sh.indices(prefix + "transformer_blocks."), prefix + "transformer_blocks"))
+        contexts.add(sh(prefix + "transformer_blocks.0.attn2.to_k.weight")[1])
+        proj = sh(prefix + "proj_in.weight")
+        linear.add(len(proj) == 2)
+        if proj[0] != ch:
+            raise sh.error(f"{prefix}proj_in maps {ch} channels to an attention width of "
+                           f"{proj[0]}: the head layout cannot be read from shapes; pass a config")
+    if len(depths) != 1 or len(contexts) != 1 or len(linear) != 1:
+        raise sh.error("the ControlNet's transformers differ in depth, context width or projection "
+                       "kind; this config schema cannot express that")
+    depth, context_dim, use_linear = depths.pop(), contexts.pop(), linear.pop()
+    rules.append(f"transformer_depth = {depth}, context_dim = {context_dim} (attn2.to_k.weight), "
+                 f"use_linear_in_transformer = {use_linear} (proj_in.weight is "
+                 f"{'2-D' if use_linear else '4-D'})")
+
+    if base is not None:
+        template, heads_from = base.unet, "the base model's"
+    elif context_dim in FAMILIES:
+        family, name = FAMILIES[context_dim]
+        template, heads_from = builtin_config(name).unet, f"the {family} family's ({name})"
+    else:
+        raise sh.error(f"cannot tell the attention heads: context width {context_dim} is neither "
+                       "SD1's (768) nor SD2's (1024) and heads cannot be read from shapes; pass the "
+                       "base model or a config")
+    widths = sorted({mc * mult[i] for i in attn_levels} | {mc * mult[-1]})
+    if template.num_head_channels == -1:
+        rule, bad = f"num_heads = {template.num_heads}", [w for w in widths if w % template.num_heads]
+    else:
+        rule = f"num_head_channels = {template.num_head_channels}"
+        bad = [w for w in widths if w % template.num_head_channels]
+    if bad:
+        raise sh.error(f"ambiguous attention heads: {heads_from} rule {rule} does not divide "
+                       f"attention width {bad[0]}; pass a config")
+    rules.append(f"{rule} (heads cannot be read from shapes: {heads_from} rule)")
+    attention_resolutions = tuple(2 ** i for i in attn_levels)
+    if set(attention_resolutions) == set(template.attention_resolutions):
+        attention_resolutions = template.attention_resolutions  # only membership counts
+    rules.append(f"attention_resolutions = {attention_resolutions} (levels {attn_levels} have "
+                 "proj_in keys)")
+    unet = dataclasses.replace(
+        template, in_channels=in_ch, model_channels=mc, attention_resolutions=attention_resolutions,
+        num_res_blocks=nrb, channel_mult=tuple(mult), transformer_depth=depth,
+        context_dim=context_dim, use_linear_in_transformer=use_linear)
+    return ControlNetConfig.from_unet(unet, hint_channels=hint), rules
+
+
+def resolve_controlnet_config(config, path, state_dict: Mapping[str, torch.Tensor],
+                              base: ModelConfig | None = None) -> tuple[ControlNetConfig, str]:
+    """(config, where it came from): ``config`` (a :class:`ControlNetConfig`, a cldm YAML path or
+    a built-in cldm stem such as ``cldm_v15``), else inferred from the shapes."""
+    if isinstance(config, ControlNetConfig):
+        return config, "ControlNetConfig given by the caller"
+    if config is not None:
+        text = str(config)
+        if text.endswith((".yaml", ".yml")) or os.sep in text or Path(text).is_file():
+            return load_cldm_config(text)[1], f"config file {text}"
+        return builtin_cldm_config(text)[1], f"built-in config {text}"
+    cfg, _ = infer_controlnet_config(state_dict, base, path=path)
+    if base is not None:
+        return cfg, "inferred from the tensor shapes (heads from the base model)"
+    family, name = FAMILIES[cfg.context_dim]
+    return cfg, f"inferred from the tensor shapes ({family}; heads from built-in config {name})"
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def check_fits_base(sd: Mapping[str, torch.Tensor], base: ModelConfig, path) -> None:
+    """Refuse a ControlNet (original keys, no prefix; only shapes are read, meta tensors do) whose
+    residuals cannot fit ``base``'s UNet: one layer and both shapes named."""
+    if "input_blocks.0.0.weight" not in sd or "input_hint_block.0.weight" not in sd:
+        return  # strict key checking names what is missing
+    # the ControlNet's own input convolution and hint encoder need not match the base (e.g. an
+    # inpainting base UNet reads 9 channels, its ControlNets 4)
+    unet = dataclasses.replace(base.unet, in_channels=sd["input_blocks.0.0.weight"].shape[1])
+    want = ControlNetConfig.from_unet(unet, hint_channels=sd["input_hint_block.0.weight"].shape[1])
+    with torch.device("meta"):
+        expected = ControlNet(want).state_dict()
+    encoder = ("time_embed.", "input_blocks.", "middle_block.")  # the copy of the UNet's encoder
+    differ = [k for k in expected if k.startswith(encoder) and k in sd
+              and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    absent = [k for k in expected if k not in sd and k.startswith(("input_blocks.", "middle_block."))]
+    extra = [k for k in sd if k not in expected and k.startswith(("input_blocks.", "middle_block."))]
+    here_ctx = _context_key(sd)
+    ours = FAMILIES.get(int(sd[here_ctx].shape[1]))[0].upper() if here_ctx and sd[here_ctx].dim() == 2 \
+        and int(sd[here_ctx].shape[1]) in FAMILIES else None
+    theirs = FAMILIES.get(base.unet.context_dim, ("",))[0].upper() or None
+    guess = (f" (an {ours} ControlNet on an {theirs} model?)" if ours and theirs and ours != theirs
+             else "")
+    if differ:
+        key = next((k for k in differ if ".attn2.to_k." in k), differ[0])
+        raise file_error(path, f"made for another model: {key} is {list(sd[key].shape)} here but "
+                         f"{list(expected[key].shape)} in the model{guess}")
+    if absent or extra:
+        key, where = (absent[0], "missing here but present in the model") if absent else \
+            (extra[0], "present here but not in the model")
+        raise file_error(path, f"made for another model: {key} is {where} (the ControlNet's "
+                         f"levels or blocks differ from the base UNet's){guess}")
+
+
+def load_controlnet(path, base: ModelConfig | None = None, *, config=None,
+                    dtype=torch.float32, device="cpu") -> ControlNet:
+    """A ready :class:`ControlNet` (eval mode) from an original-layout ControlNet file
+    (safetensors, or a weights-only ``.pth``/``.ckpt``; with or without ``control_model.``).
+    ``base``: the model it will steer; a ControlNet for another family or width is refused.
+    ``config``: see :func:`resolve_controlnet_config`. Errors are one-line CheckpointErrors
+    (``"<path>: <problem>"``), or ConfigErrors for a bad ``config``."""
+    path = Path(path)
+    dtype = parse_dtype(dtype)
+    sd, mapped = read_weights(path)
+    if is_diffusers_controlnet(sd) and not is_controlnet(sd):
+        raise file_error(path, "a diffusers-layout ControlNet (controlnet_cond_embedding.*, "
+                         "controlnet_down_blocks.* keys); diffusers-layout ControlNets are not "
+                         "supported yet, only the original layout (input_hint_block.*, zero_convs.*)")
+    if not is_controlnet(sd):
+        what = ("a Stable Diffusion model, not a ControlNet" if any(
+            k.startswith("model.diffusion_model.") for k in sd) else "not a ControlNet")
+        raise file_error(path, f"{what} (no input_hint_block.* / zero_convs.* keys)")
+    sd = _bare(sd)
+    if base is not None:
+        check_fits_base(sd, base, path)
+    cfg, source = resolve_controlnet_config(config, path, sd, base)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on the meta device: no memory, no init
+        net = ControlNet(cfg)
+    check_keys(sd, net.state_dict(keep_vars=True), path=path, what="the ControlNet config",
+               hint=f" (config: {source})")
+    weights = cast_weights(sd, dtype, release=mapped.release if mapped is not None else None)
+    del sd, mapped
+    net.load_state_dict(weights, strict=True, assign=True)
+    assert_materialised(net, path)
+    net.eval()
+    if torch.device(device).type != "cpu":
+        net.to(device)
+    net.config_source = source
+    return net
