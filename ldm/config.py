@@ -328,7 +328,8 @@ def config_tree(cfg: ModelConfig) -> dict:
     return {"model": {"target": model_target, "params": params}, "sampling": fields_of(cfg.sampling)}
 
 
-def load_config(path: str | Path) -> ModelConfig:
+def read_config_tree(path: str | Path, what: str = "model configuration") -> dict:
+    """A YAML config file's tree; unreadable, malformed or not a mapping: one ConfigError line."""
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text())
@@ -337,8 +338,12 @@ def load_config(path: str | Path) -> ModelConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: not a model configuration (expected a mapping with 'model')")
-    return parse_config(tree, str(path))
+        raise ConfigError(f"{path}: not a {what} (expected a mapping with 'model')")
+    return tree
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    return parse_config(read_config_tree(path), str(path))
 
 
 def builtin_config(name: str) -> ModelConfig:

@@ -9,10 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from .config import (CONFIG_DIR, _UNET_IGNORED, ConfigError, ModelConfig, UNetConfig, _build,
-                     _check_target, _section, parse_config)
+                     _check_target, _section, parse_config, read_config_tree)
 
 _CONTROL_TARGETS = ("cldm.cldm.ControlNet",)
 _CONTROL_PATH = "model.params.control_stage_config"
@@ -81,16 +79,7 @@ def parse_cldm_config(tree: dict, source: str = "config") -> tuple[ModelConfig, 
 
 def load_cldm_config(path: str | Path) -> tuple[ModelConfig, ControlNetConfig]:
     """:func:`parse_cldm_config` of a YAML file."""
-    path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: not a ControlNet configuration (expected a mapping with 'model')")
-    return parse_cldm_config(tree, str(path))
+    return parse_cldm_config(read_config_tree(path, "ControlNet configuration"), str(path))
 
 
 def builtin_cldm_config(name: str) -> tuple[ModelConfig, ControlNetConfig]:
