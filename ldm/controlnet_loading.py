@@ -20,7 +20,7 @@ import torch
 from .checkpoint import assert_materialised, cast_weights, check_keys
 from .config import ModelConfig, builtin_config
 from .controlnet_config import ControlNetConfig, builtin_cldm_config, load_cldm_config
-from .infer_config import Shapes, dense_count
+from .infer_config import Shapes, attention_resolutions, head_rule, read_encoder, read_transformers
 from .modules.controlnet import STATE_PREFIX, ControlNet, strip_prefix
 from .weights_io import file_error, parse_dtype, read_weights
 
@@ -78,56 +78,15 @@ def infer_controlnet_config(state_dict: Mapping[str, torch.Tensor], base: ModelC
     rules.append(f"model_channels = {mc}, in_channels = {in_ch} (input_blocks.0.0.weight)")
     rules.append(f"hint_channels = {hint} (input_hint_block.0.weight has {hint} input channels)")
 
-    n_in = dense_count(sh, sh.indices("input_blocks."), "input_blocks")
-    levels: list[list[tuple[int, bool]]] = [[]]
-    transformers: list[tuple[str, int]] = []
-    for k in range(1, n_in):
-        p = f"input_blocks.{k}."
-        if sh.has(p + "0.op.weight"):
-            levels.append([])
-        elif sh.has(p + "0.in_layers.2.weight"):
-            ch = sh(p + "0.in_layers.2.weight")[0]
-            attn = sh.has(p + "1.proj_in.weight")
-            if attn:
-                transformers.append((p + "1.", ch))
-            levels[-1].append((ch, attn))
-        else:
-            raise sh.error(f"input_blocks.{k} is neither a ResBlock nor a Downsample; "
-                           "not a ControlNet layout this loader knows")
-    counts = {len(level) for level in levels}
-    if len(counts) != 1 or 0 in counts:
-        raise sh.error(f"ControlNet levels have {[len(lv) for lv in levels]} ResBlocks each; this "
-                       "config schema needs the same number at every level")
-    nrb = counts.pop()
-    mult, attn_levels = [], []
-    for i, level in enumerate(levels):
-        widths, flags = {ch for ch, _ in level}, {a for _, a in level}
-        if len(widths) != 1 or next(iter(widths)) % mc or len(flags) != 1:
-            raise sh.error(f"ControlNet level {i} has ResBlock widths {sorted(widths)} and "
-                           "attention in some blocks only or widths not one multiple of "
-                           f"model_channels {mc}; not a layout this loader knows")
-        mult.append(next(iter(widths)) // mc)
-        if flags.pop():
-            attn_levels.append(i)
-    rules.append(f"channel_mult = {tuple(mult)}, num_res_blocks = {nrb} (ResBlock widths of "
+    enc = read_encoder(sh, "", mc, "ControlNet")
+    nrb, mult, attn_levels = enc.num_res_blocks, enc.channel_mult, enc.attn_levels
+    rules.append(f"channel_mult = {mult}, num_res_blocks = {nrb} (ResBlock widths of "
                  f"input_blocks, levels split at the Downsample blocks)")
     if not sh.has("middle_block.1.proj_in.weight"):
         raise sh.error("middle_block.1 is not a SpatialTransformer (no proj_in); "
                        "not a ControlNet layout this loader knows")
-    transformers.insert(0, ("middle_block.1.", mc * mult[-1]))
-    depths, contexts, linear = set(), set(), set()
-    for prefix, ch in transformers:
-        depths.add(dense_count(sh, sh.indices(prefix + "transformer_blocks."), prefix + "transformer_blocks"))
-        contexts.add(sh(prefix + "transformer_blocks.0.attn2.to_k.weight")[1])
-        proj = sh(prefix + "proj_in.weight")
-        linear.add(len(proj) == 2)
-        if proj[0] != ch:
-            raise sh.error(f"{prefix}proj_in maps {ch} channels to an attention width of "
-                           f"{proj[0]}: the head layout cannot be read from shapes; pass a config")
-    if len(depths) != 1 or len(contexts) != 1 or len(linear) != 1:
-        raise sh.error("the ControlNet's transformers differ in depth, context width or projection "
-                       "kind; this config schema cannot express that")
-    depth, context_dim, use_linear = depths.pop(), contexts.pop(), linear.pop()
+    transformers = [("middle_block.1.", mc * mult[-1]), *enc.transformers]
+    depth, context_dim, use_linear = read_transformers(sh, transformers, "", "ControlNet")
     rules.append(f"transformer_depth = {depth}, context_dim = {context_dim} (attn2.to_k.weight), "
                  f"use_linear_in_transformer = {use_linear} (proj_in.weight is "
                  f"{'2-D' if use_linear else '4-D'})")
@@ -142,23 +101,17 @@ def infer_controlnet_config(state_dict: Mapping[str, torch.Tensor], base: ModelC
                        "SD1's (768) nor SD2's (1024) and heads cannot be read from shapes; pass the "
                        "base model or a config")
     widths = sorted({mc * mult[i] for i in attn_levels} | {mc * mult[-1]})
-    if template.num_head_channels == -1:
-        rule, bad = f"num_heads = {template.num_heads}", [w for w in widths if w % template.num_heads]
-    else:
-        rule = f"num_head_channels = {template.num_head_channels}"
-        bad = [w for w in widths if w % template.num_head_channels]
+    rule, bad = head_rule(template, widths)
     if bad:
         raise sh.error(f"ambiguous attention heads: {heads_from} rule {rule} does not divide "
                        f"attention width {bad[0]}; pass a config")
     rules.append(f"{rule} (heads cannot be read from shapes: {heads_from} rule)")
-    attention_resolutions = tuple(2 ** i for i in attn_levels)
-    if set(attention_resolutions) == set(template.attention_resolutions):
-        attention_resolutions = template.attention_resolutions  # only membership counts
-    rules.append(f"attention_resolutions = {attention_resolutions} (levels {attn_levels} have "
+    resolutions = attention_resolutions(attn_levels, template)
+    rules.append(f"attention_resolutions = {resolutions} (levels {attn_levels} have "
                  "proj_in keys)")
     unet = dataclasses.replace(
-        template, in_channels=in_ch, model_channels=mc, attention_resolutions=attention_resolutions,
-        num_res_blocks=nrb, channel_mult=tuple(mult), transformer_depth=depth,
+        template, in_channels=in_ch, model_channels=mc, attention_resolutions=resolutions,
+        num_res_blocks=nrb, channel_mult=mult, transformer_depth=depth,
         context_dim=context_dim, use_linear_in_transformer=use_linear)
     return ControlNetConfig.from_unet(unet, hint_channels=hint), rules
 

@@ -67,20 +67,25 @@ def dense_count(sh: Shapes, indices: list[int], what: str) -> int:
 
 # ------------------------------------------------------------------------------------------ UNet
 
-def _unet(sh: Shapes, base: ModelConfig, rules: list[str]):
-    cfg = base.unet
-    mc, in_ch = sh(UNET + "input_blocks.0.0.weight")[:2]
-    out_ch = sh(UNET + "out.2.weight")[0]
-    rules.append(f"unet.model_channels = {mc} (input_blocks.0.0.weight has {mc} output channels)")
-    rules.append(f"unet.in_channels = {in_ch} (input_blocks.0.0.weight has {in_ch} input channels)")
-    rules.append(f"unet.out_channels = {out_ch} (out.2.weight has {out_ch} output channels)")
+@dataclasses.dataclass
+class Encoder:
+    """The encoder half of a UNet (or a ControlNet's copy of it), read from shapes."""
 
-    # input blocks: ResBlocks (+ transformer) grouped into levels by the Downsample blocks
-    n_in = dense_count(sh, sh.indices(UNET + "input_blocks."), "input_blocks")
+    num_res_blocks: int
+    channel_mult: tuple[int, ...]
+    attn_levels: list[int]  # levels whose ResBlocks are followed by a SpatialTransformer
+    transformers: list[tuple[str, int]]  # (key prefix, channels) of each input-side transformer
+
+
+def read_encoder(sh: Shapes, prefix: str, mc: int, what: str) -> Encoder:
+    """``prefix + input_blocks.*``: ResBlocks (+ transformer) grouped into levels by the Downsample
+    blocks; the config schema needs the same ResBlock count, one width and all-or-no attention
+    per level."""
+    n_in = dense_count(sh, sh.indices(prefix + "input_blocks."), "input_blocks")
     levels: list[list[tuple[int, bool]]] = [[]]
-    transformers: list[tuple[str, int]] = []  # (key prefix, channels)
+    transformers: list[tuple[str, int]] = []
     for k in range(1, n_in):
-        p = f"{UNET}input_blocks.{k}."
+        p = f"{prefix}input_blocks.{k}."
         if sh.has(p + "0.op.weight"):
             levels.append([])
         elif sh.has(p + "0.in_layers.2.weight"):
@@ -91,42 +96,88 @@ def _unet(sh: Shapes, base: ModelConfig, rules: list[str]):
             levels[-1].append((ch, attn))
         else:
             raise sh.error(f"input_blocks.{k} is neither a ResBlock nor a Downsample; "
-                           "not a Stable Diffusion UNet layout")
+                           f"not a {what} layout this loader knows")
     counts = {len(level) for level in levels}
     if len(counts) != 1 or 0 in counts:
-        raise sh.error(f"UNet levels have {[len(lv) for lv in levels]} ResBlocks each; this config "
+        raise sh.error(f"{what} levels have {[len(lv) for lv in levels]} ResBlocks each; this config "
                        "schema needs the same number at every level")
-    nrb = counts.pop()
-    mult = []
+    mult, attn_levels = [], []
     for i, level in enumerate(levels):
-        widths = {ch for ch, _ in level}
+        widths, flags = {ch for ch, _ in level}, {a for _, a in level}
         if len(widths) != 1 or next(iter(widths)) % mc:
-            raise sh.error(f"UNet level {i} has ResBlock widths {sorted(widths)}, not one multiple "
+            raise sh.error(f"{what} level {i} has ResBlock widths {sorted(widths)}, not one multiple "
                            f"of model_channels {mc}")
-        mult.append(next(iter(widths)) // mc)
-    rules.append(f"unet.channel_mult = {tuple(mult)} (ResBlock output widths / {mc}, levels split "
-                 f"at the {len(levels) - 1} Downsample input blocks)")
-    rules.append(f"unet.num_res_blocks = {nrb} (ResBlocks per level of input_blocks)")
-
-    attn_levels = []
-    for i, level in enumerate(levels):
-        flags = {a for _, a in level}
         if len(flags) != 1:
-            raise sh.error(f"UNet level {i} has cross-attention in some ResBlocks but not all; "
+            raise sh.error(f"{what} level {i} has cross-attention in some ResBlocks but not all; "
                            "this config schema cannot express that")
+        mult.append(next(iter(widths)) // mc)
         if flags.pop():
             attn_levels.append(i)
-    attention_resolutions = tuple(2 ** i for i in attn_levels)
-    if set(attention_resolutions) == set(cfg.attention_resolutions):
-        attention_resolutions = cfg.attention_resolutions  # only membership counts: keep the order
+    return Encoder(counts.pop(), tuple(mult), attn_levels, transformers)
+
+
+def read_transformers(sh: Shapes, transformers: list[tuple[str, int]], strip: str, what: str
+                      ) -> tuple[int, int, bool]:
+    """(depth, context width, linear projections) shared by every transformer of the list."""
+    depths, contexts, linear = set(), set(), set()
+    for prefix, ch in transformers:
+        depths.add(dense_count(sh, sh.indices(prefix + "transformer_blocks."),
+                               prefix.removeprefix(strip) + "transformer_blocks"))
+        contexts.add(sh(prefix + "transformer_blocks.0.attn2.to_k.weight")[1])
+        proj = sh(prefix + "proj_in.weight")
+        linear.add(len(proj) == 2)
+        if proj[0] != ch:
+            raise sh.error(f"{prefix.removeprefix(strip)}proj_in maps {ch} channels to an attention "
+                           f"width of {proj[0]}: the head layout cannot be read from shapes; "
+                           f"{_PASS_CONFIG}")
+    if len(depths) != 1:
+        raise sh.error(f"{what} transformers have different depths {sorted(depths)}; this config "
+                       "schema has one transformer_depth for all levels")
+    if len(contexts) != 1 or len(linear) != 1:
+        raise sh.error(f"{what} transformers disagree on context width or projection kind; "
+                       "not a layout this loader knows")
+    return depths.pop(), contexts.pop(), linear.pop()
+
+
+def head_rule(template, widths: list[int]) -> tuple[str, list[int]]:
+    """The head rule of ``template`` (a UNetConfig) and the attention widths it cannot split."""
+    if template.num_head_channels == -1:
+        return f"num_heads = {template.num_heads}", [w for w in widths if w % template.num_heads]
+    return (f"num_head_channels = {template.num_head_channels}",
+            [w for w in widths if w % template.num_head_channels])
+
+
+def attention_resolutions(attn_levels: list[int], template) -> tuple[int, ...]:
+    """Level i is resolution 2**i; the template's order is kept when the set is the same (only
+    membership counts)."""
+    found = tuple(2 ** i for i in attn_levels)
+    return template.attention_resolutions if set(found) == set(template.attention_resolutions) else found
+
+
+def _unet(sh: Shapes, base: ModelConfig, rules: list[str]):
+    cfg = base.unet
+    mc, in_ch = sh(UNET + "input_blocks.0.0.weight")[:2]
+    out_ch = sh(UNET + "out.2.weight")[0]
+    rules.append(f"unet.model_channels = {mc} (input_blocks.0.0.weight has {mc} output channels)")
+    rules.append(f"unet.in_channels = {in_ch} (input_blocks.0.0.weight has {in_ch} input channels)")
+    rules.append(f"unet.out_channels = {out_ch} (out.2.weight has {out_ch} output channels)")
+
+    enc = read_encoder(sh, UNET, mc, "UNet")
+    nrb, mult, attn_levels, transformers = (enc.num_res_blocks, enc.channel_mult, enc.attn_levels,
+                                            list(enc.transformers))
+    levels = len(mult)
+    rules.append(f"unet.channel_mult = {mult} (ResBlock output widths / {mc}, levels split "
+                 f"at the {levels - 1} Downsample input blocks)")
+    rules.append(f"unet.num_res_blocks = {nrb} (ResBlocks per level of input_blocks)")
+    resolutions = attention_resolutions(attn_levels, cfg)
 
     # output blocks must mirror the input side: nrb + 1 per level, attention where the input has it
     n_out = dense_count(sh, sh.indices(UNET + "output_blocks."), "output_blocks")
-    if n_out != len(levels) * (nrb + 1):
-        raise sh.error(f"{n_out} output_blocks, expected {len(levels) * (nrb + 1)} for "
-                       f"{len(levels)} levels of {nrb} ResBlocks; not a layout this loader knows")
+    if n_out != levels * (nrb + 1):
+        raise sh.error(f"{n_out} output_blocks, expected {levels * (nrb + 1)} for "
+                       f"{levels} levels of {nrb} ResBlocks; not a layout this loader knows")
     for k in range(n_out):
-        level = len(levels) - 1 - k // (nrb + 1)
+        level = levels - 1 - k // (nrb + 1)
         p = f"{UNET}output_blocks.{k}."
         if not sh.has(p + "0.in_layers.2.weight"):
             raise sh.error(f"output_blocks.{k} has no ResBlock; not a layout this loader knows")
@@ -137,7 +188,7 @@ def _unet(sh: Shapes, base: ModelConfig, rules: list[str]):
                            "cannot express that")
         if attn:
             transformers.append((p + "1.", mc * mult[level]))
-    rules.append(f"unet.attention_resolutions = {attention_resolutions} (levels "
+    rules.append(f"unet.attention_resolutions = {resolutions} (levels "
                  f"{attn_levels} have proj_in keys; level i is resolution 2**i)")
 
     mid = UNET + "middle_block.1."
@@ -147,25 +198,7 @@ def _unet(sh: Shapes, base: ModelConfig, rules: list[str]):
     transformers.insert(0, (mid, mc * mult[-1]))
 
     # transformer internals: depth, context width, projection kind, inner width
-    depths, contexts, linear = {}, set(), set()
-    for prefix, ch in transformers:
-        depths[prefix] = dense_count(sh, sh.indices(prefix + "transformer_blocks."),
-                                prefix.removeprefix(UNET) + "transformer_blocks")
-        contexts.add(sh(prefix + "transformer_blocks.0.attn2.to_k.weight")[1])
-        proj = sh(prefix + "proj_in.weight")
-        linear.add(len(proj) == 2)
-        if proj[0] != ch:
-            raise sh.error(f"{prefix.removeprefix(UNET)}proj_in maps {ch} channels to an attention "
-                           f"width of {proj[0]}: the head layout cannot be read from shapes; "
-                           f"{_PASS_CONFIG}")
-    if len(set(depths.values())) != 1:
-        per = sorted({v for v in depths.values()})
-        raise sh.error(f"UNet transformers have different depths {per}; this config schema has "
-                       "one transformer_depth for all levels")
-    if len(contexts) != 1 or len(linear) != 1:
-        raise sh.error("UNet transformers disagree on context width or projection kind; "
-                       "not a layout this loader knows")
-    depth, context_dim, use_linear = depths[mid], contexts.pop(), linear.pop()
+    depth, context_dim, use_linear = read_transformers(sh, transformers, UNET, "UNet")
     rules.append(f"unet.transformer_depth = {depth} (middle_block.1 has {depth} transformer_blocks, "
                  "as every transformer does)")
     rules.append(f"unet.context_dim = {context_dim} (attn2.to_k.weight has {context_dim} input "
@@ -175,12 +208,7 @@ def _unet(sh: Shapes, base: ModelConfig, rules: list[str]):
 
     # heads: no shape depends on them; the family's rule from base must fit every attention width
     widths = sorted({mc * mult[i] for i in attn_levels} | {mc * mult[-1]})
-    if cfg.num_head_channels == -1:
-        bad = [w for w in widths if w % cfg.num_heads]
-        rule = f"num_heads = {cfg.num_heads}"
-    else:
-        bad = [w for w in widths if w % cfg.num_head_channels]
-        rule = f"num_head_channels = {cfg.num_head_channels}"
+    rule, bad = head_rule(cfg, widths)
     if bad:
         raise sh.error(f"ambiguous UNet attention heads: the family's rule {rule} does not divide "
                        f"attention width {bad[0]} and heads cannot be read from shapes; "
@@ -190,7 +218,7 @@ def _unet(sh: Shapes, base: ModelConfig, rules: list[str]):
 
     return dataclasses.replace(
         cfg, in_channels=in_ch, out_channels=out_ch, model_channels=mc,
-        attention_resolutions=attention_resolutions, num_res_blocks=nrb, channel_mult=tuple(mult),
+        attention_resolutions=resolutions, num_res_blocks=nrb, channel_mult=mult,
         transformer_depth=depth, context_dim=context_dim, use_linear_in_transformer=use_linear)
 
 
