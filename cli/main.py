@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from cli import generate, info
+from cli import generate, info, preprocess
 from cli.args import CommandError, Parser, UsageError
 
 
@@ -24,6 +24,7 @@ def build_parser() -> Parser:
     sub.add_parser("train-lora", add_help=False, help="fine-tune a LoRA on a folder of captioned "
                    "images (see 'ldm train-lora --help')")
     info.add_parser(sub)
+    preprocess.add_parser(sub)
     return parser
 
 
@@ -34,6 +35,8 @@ def _dispatch(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return info.run(args)
+    if args.command == "preprocess":
+        return preprocess.run(args)
     generate.check(args)
     return generate.run(args)
 
