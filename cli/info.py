@@ -50,15 +50,16 @@ def _image_info(path: Path, as_json: bool) -> int:
 
 
 def _checkpoint_info(path: Path, as_json: bool) -> int:
+    from ldm.controlnet_loading import is_controlnet, is_controlnet_folder
+    if is_controlnet_folder(path):  # a diffusers ControlNet folder
+        return _print_checkpoint(*_controlnet_info(path), as_json)
     from ldm.detect import detect
     from ldm.weights_io import CheckpointError, read_state_dict
     state = read_state_dict(path)  # not a checkpoint at all: CheckpointError, reported as the error
     from ldm.config import ConfigError
-    from ldm.controlnet_loading import is_controlnet
     config_rules: list[str] = []
     if is_controlnet(state):
-        family, rules, config, config_rules = _controlnet_info(path, state)
-        return _print_checkpoint(path, state, family, rules, config, config_rules, as_json)
+        return _print_checkpoint(*_controlnet_info(path), as_json)
     try:
         found = detect(state, path=path)
         family, rules = found.family, list(found.rules)
@@ -76,23 +77,30 @@ def _checkpoint_info(path: Path, as_json: bool) -> int:
     return _print_checkpoint(path, state, family, rules, config, config_rules, as_json)
 
 
-def _controlnet_info(path: Path, state) -> tuple[str, list[str], str, list[str]]:
-    """A ControlNet file's family, the rule that told it, its config's source and rules."""
+def _controlnet_info(path: Path) -> tuple[Path, dict, str, list[str], str, list[str]]:
+    """A ControlNet file's or folder's weight file, tensors (our names), family, the rule that
+    told it, its config's source and rules."""
     from ldm.config import ConfigError
-    from ldm.controlnet_loading import (controlnet_family, infer_controlnet_config,
+    from ldm.controlnet_loading import (controlnet_family, infer_controlnet_config, read_controlnet,
                                         resolve_controlnet_config)
     from ldm.weights_io import CheckpointError
+    found = read_controlnet(path)  # a broken file or folder: CheckpointError, reported as the error
+    state = found.state
     kind = controlnet_family(state)
     family = f"controlnet ({kind or 'unknown'})"
-    rules = ["input_hint_block.* / zero_convs.* keys: an original-layout ControlNet"]
+    rules = [found.layout]
     if kind:
         rules.append(f"cross-attention context width {768 if kind == 'sd1' else 1024}: {kind}")
+    config_rules: list[str] = []
     try:
-        _, config = resolve_controlnet_config(None, path, state)
-        config_rules = infer_controlnet_config(state, path=path)[1]
+        if found.config_source:
+            config = found.config_source
+        else:
+            _, config = resolve_controlnet_config(None, found.file, state)
+            config_rules = infer_controlnet_config(state, path=found.file)[1]
     except (CheckpointError, ConfigError) as exc:
-        config, config_rules = f"none ({exc})", []
-    return family, rules, config, config_rules
+        config = f"none ({exc})"
+    return found.file, state, family, rules, config, config_rules
 
 
 def _print_checkpoint(path: Path, state, family: str, rules: list[str], config: str,

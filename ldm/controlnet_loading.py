@@ -2,34 +2,41 @@
 
 Files in the original layout (lllyasviel's ``cldm``: ``input_hint_block``, ``zero_convs``,
 ``input_blocks``, ``middle_block``, ``middle_block_out``, ``time_embed``), with or without the
-training model's ``control_model.`` prefix, as safetensors or weights-only pickles. The config is
-the caller's (a :class:`ControlNetConfig`, a cldm YAML or a built-in cldm config stem), else read
-from the tensor shapes: everything but the attention heads, which no shape depends on and which
-come from the base model when one is given, else from the family's rule (context width 768: SD1,
-8 heads; 1024: SD2, 64-wide heads).
+training model's ``control_model.`` prefix, as safetensors or weights-only pickles; and diffusers'
+``ControlNetModel`` layout, as one weight file or a folder with its ``config.json``, renamed on
+reading (:mod:`ldm.controlnet_diffusers`). The config is the caller's (a :class:`ControlNetConfig`,
+a cldm YAML or a built-in cldm config stem), else the folder's ``config.json``, else read from the
+tensor shapes: everything but the attention heads, which no shape depends on and which come from
+the base model when one is given, else from the family's rule (context width 768: SD1, 8 heads;
+1024: SD2, 64-wide heads).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 
 from .checkpoint import assert_materialised, cast_weights, check_keys
 from .config import ModelConfig, builtin_config
 from .controlnet_config import ControlNetConfig, builtin_cldm_config, load_cldm_config
+from .controlnet_diffusers import (DIFFUSERS_MARKERS, config_from_diffusers, from_diffusers,
+                                  skeleton_config)
 from .infer_config import Shapes, attention_resolutions, head_rule, read_encoder, read_transformers
 from .modules.controlnet import STATE_PREFIX, ControlNet, strip_prefix
-from .weights_io import file_error, parse_dtype, read_weights
+from .weights_io import MappedFile, file_error, parse_dtype, read_weights
 
 __all__ = ["load_controlnet", "infer_controlnet_config", "resolve_controlnet_config",
-           "controlnet_family", "check_fits_base", "is_controlnet", "is_diffusers_controlnet"]
+           "controlnet_family", "check_fits_base", "is_controlnet", "is_diffusers_controlnet",
+           "is_controlnet_folder", "read_controlnet", "ControlNetWeights"]
 
-# keys only a ControlNet has (original layout), and those of diffusers' ControlNetModel
+# keys only a ControlNet has (original layout)
 CONTROL_MARKERS = ("input_hint_block.", "zero_convs.", "middle_block_out.")
-DIFFUSERS_MARKERS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+# a diffusers ControlNet folder's weight files, in the order they are looked for (fp16 first in fp16)
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 # context width → (family, built-in config whose head rule it follows)
 FAMILIES = {768: ("sd1", "v1-inference"), 1024: ("sd2", "v2-inference")}
 
@@ -38,9 +45,13 @@ def _bare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return strip_prefix(dict(state_dict))
 
 
-def is_controlnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """Original-layout ControlNet keys (with or without ``control_model.``)."""
+def _is_original(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(k.removeprefix(STATE_PREFIX).startswith(CONTROL_MARKERS) for k in state_dict)
+
+
+def is_controlnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """ControlNet keys: the original layout (with or without ``control_model.``) or diffusers'."""
+    return _is_original(state_dict) or is_diffusers_controlnet(state_dict)
 
 
 def is_diffusers_controlnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -169,28 +180,93 @@ def check_fits_base(sd: Mapping[str, torch.Tensor], base: ModelConfig, path) -> 
                          f"levels or blocks differ from the base UNet's){guess}")
 
 
+class ControlNetWeights(NamedTuple):
+    """A ControlNet's tensors under our names (no prefix), as read by :func:`read_controlnet`."""
+
+    state: dict[str, torch.Tensor]
+    mapped: MappedFile | None  # the memory map the tensors live in, to release after casting
+    config: ControlNetConfig | None  # from a diffusers folder's config.json
+    config_source: str | None
+    layout: str  # one line: which layout the keys are in
+    file: Path  # the weight file read
+
+
+def is_controlnet_folder(path) -> bool:
+    """A folder holding a ``config.json`` (a diffusers model folder; its class is checked on loading)."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def _folder_config(folder: Path) -> ControlNetConfig:
+    import json
+
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise file_error(path, f"not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise file_error(path, "expected a JSON object")
+    if data.get("_class_name", "ControlNetModel") != "ControlNetModel":
+        raise file_error(path, f"a {data['_class_name']}, not a ControlNetModel")
+    return config_from_diffusers(data, path)
+
+
+def _folder_weights(folder: Path, dtype: torch.dtype) -> Path:
+    names = sorted(WEIGHT_NAMES, key=lambda n: ".fp16." not in n) if dtype == torch.float16 \
+        else WEIGHT_NAMES
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise file_error(folder, f"no weights (looked for {', '.join(names)})")
+
+
+def read_controlnet(path, dtype=torch.float32) -> ControlNetWeights:
+    """A ControlNet file (either layout) or diffusers folder, its keys renamed to ours; not yet
+    checked against a config. ``dtype`` only picks a folder's fp16 weight variant."""
+    path = Path(path)
+    cfg = source = None
+    if path.is_dir():
+        if not is_controlnet_folder(path):
+            raise file_error(path, "a folder without config.json (expected a diffusers "
+                             "ControlNetModel folder)")
+        cfg, source = _folder_config(path), f"config file {path / 'config.json'}"
+        file = _folder_weights(path, dtype)
+    else:
+        file = path
+    sd, mapped = read_weights(file)
+    if _is_original(sd):
+        return ControlNetWeights(_bare(sd), mapped, cfg, source, "input_hint_block.* / "
+                                 "zero_convs.* keys: an original-layout ControlNet", file)
+    if is_diffusers_controlnet(sd):
+        # names depend only on the block structure; without config.json it is read off the keys
+        sd = from_diffusers(sd, cfg or skeleton_config(sd, file), path=file)
+        return ControlNetWeights(sd, mapped, cfg, source, "controlnet_cond_embedding.* / "
+                                 "controlnet_down_blocks.* keys: a diffusers-layout ControlNet", file)
+    what = ("a Stable Diffusion model, not a ControlNet" if any(
+        k.startswith("model.diffusion_model.") for k in sd) else "not a ControlNet")
+    raise file_error(file, f"{what} (no input_hint_block.* / zero_convs.* or "
+                     "controlnet_cond_embedding.* keys)")
+
+
 def load_controlnet(path, base: ModelConfig | None = None, *, config=None,
                     dtype=torch.float32, device="cpu") -> ControlNet:
-    """A ready :class:`ControlNet` (eval mode) from an original-layout ControlNet file
-    (safetensors, or a weights-only ``.pth``/``.ckpt``; with or without ``control_model.``).
+    """A ready :class:`ControlNet` (eval mode) from a ControlNet file in the original layout
+    (safetensors, or a weights-only ``.pth``/``.ckpt``; with or without ``control_model.``) or in
+    diffusers' layout (a weight file, or a folder with ``config.json`` and
+    ``diffusion_pytorch_model[.fp16].safetensors``/``.bin``).
     ``base``: the model it will steer; a ControlNet for another family or width is refused.
-    ``config``: see :func:`resolve_controlnet_config`. Errors are one-line CheckpointErrors
-    (``"<path>: <problem>"``), or ConfigErrors for a bad ``config``."""
-    path = Path(path)
+    ``config``: see :func:`resolve_controlnet_config`; a folder's ``config.json`` comes next.
+    Errors are one-line CheckpointErrors (``"<path>: <problem>"``), or ConfigErrors for a bad
+    ``config``."""
     dtype = parse_dtype(dtype)
-    sd, mapped = read_weights(path)
-    if is_diffusers_controlnet(sd) and not is_controlnet(sd):
-        raise file_error(path, "a diffusers-layout ControlNet (controlnet_cond_embedding.*, "
-                         "controlnet_down_blocks.* keys); diffusers-layout ControlNets are not "
-                         "supported yet, only the original layout (input_hint_block.*, zero_convs.*)")
-    if not is_controlnet(sd):
-        what = ("a Stable Diffusion model, not a ControlNet" if any(
-            k.startswith("model.diffusion_model.") for k in sd) else "not a ControlNet")
-        raise file_error(path, f"{what} (no input_hint_block.* / zero_convs.* keys)")
-    sd = _bare(sd)
+    found = read_controlnet(path, dtype)
+    sd, mapped, path = found.state, found.mapped, found.file
     if base is not None:
         check_fits_base(sd, base, path)
-    cfg, source = resolve_controlnet_config(config, path, sd, base)
+    if config is None and found.config is not None:
+        cfg, source = found.config, found.config_source
+    else:
+        cfg, source = resolve_controlnet_config(config, path, sd, base)
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on the meta device: no memory, no init
@@ -198,7 +274,7 @@ def load_controlnet(path, base: ModelConfig | None = None, *, config=None,
     check_keys(sd, net.state_dict(keep_vars=True), path=path, what="the ControlNet config",
                hint=f" (config: {source})")
     weights = cast_weights(sd, dtype, release=mapped.release if mapped is not None else None)
-    del sd, mapped
+    del sd, mapped, found
     net.load_state_dict(weights, strict=True, assign=True)
     assert_materialised(net, path)
     net.eval()
