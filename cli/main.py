@@ -23,6 +23,8 @@ def build_parser() -> Parser:
     # parsed by cli.train_lora (the entry point hands it the rest of the command line)
     sub.add_parser("train-lora", add_help=False, help="fine-tune a LoRA on a folder of captioned "
                    "images (see 'ldm train-lora --help')")
+    sub.add_parser("train-controlnet", add_help=False, help="train a ControlNet on images, hint "
+                   "images and captions (see 'ldm train-controlnet --help')")
     info.add_parser(sub)
     preprocess.add_parser(sub)
     return parser
@@ -32,6 +34,9 @@ def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["train-lora"]:  # training has its own parser; imported only when asked for
         from cli import train_lora
         return train_lora.run(argv[1:])
+    if argv[:1] == ["train-controlnet"]:
+        from cli import train_controlnet
+        return train_controlnet.run(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return info.run(args)

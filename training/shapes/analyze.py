@@ -122,3 +122,12 @@ def analyze(image) -> ShapeAnalysis:
     else:
         position = "at the top" if dy < 0 else "at the bottom"
     return ShapeAnalysis(background, colour, shape, size, position, (x0, y0, x1, y1), fill, area)
+
+
+def shape_mask(image) -> np.ndarray:
+    """Boolean (H, W) mask of the pixels that are not background: RGB distance from the border's
+    median colour above :data:`MIN_SHAPE_DISTANCE` (anti-aliased edge pixels count once they
+    are that far), to compare a generated shape's outline with the one asked for."""
+    arr = _as_array(image)
+    border = np.concatenate([arr[0], arr[-1], arr[1:-1, 0], arr[1:-1, -1]])
+    return np.sqrt(((arr - np.median(border, axis=0)) ** 2).sum(axis=2)) > MIN_SHAPE_DISTANCE
