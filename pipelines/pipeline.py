@@ -112,6 +112,9 @@ class Pipeline:
         self.attention = model.set_attention_backend(attention)
         self.model_name = model_name
         self.model_path: str | None = None
+        # ControlNets by resolved path, placed like the model; where names are looked up
+        self.controlnets: dict[str, torch.nn.Module] = {}
+        self.controlnet_dirs: list[Path] = []
 
     @classmethod
     def from_checkpoint(cls, path=None, *, config=None, device=None, dtype=None,
@@ -205,7 +208,8 @@ class Pipeline:
                 guidance_rescale: float = 0.0, seed: int | None = None, generator=None,
                 height: int | None = None, width: int | None = None, num_images: int = 1,
                 eta: float = 0.0, clip_skip: int = 0, output_type: str = "pil",
-                return_latents: bool = False, callback=None, progress: bool = True) -> GenerationResult:
+                return_latents: bool = False, callback=None, progress: bool = True,
+                control=None) -> GenerationResult:
         """Images from text."""
         return self._generate(_request("txt2img", locals()))
 
@@ -215,7 +219,8 @@ class Pipeline:
                 scheduler: str | None = None, guidance_rescale: float = 0.0, seed: int | None = None,
                 generator=None, height: int | None = None, width: int | None = None,
                 num_images: int = 1, eta: float = 0.0, clip_skip: int = 0, output_type: str = "pil",
-                return_latents: bool = False, callback=None, progress: bool = True) -> GenerationResult:
+                return_latents: bool = False, callback=None, progress: bool = True,
+                control=None) -> GenerationResult:
         """Redraw ``image``: ``strength`` 0 keeps it, 1 replaces it."""
         return self._generate(_request("img2img", locals()))
 
@@ -226,7 +231,8 @@ class Pipeline:
                 guidance_rescale: float = 0.0, seed: int | None = None, generator=None,
                 height: int | None = None, width: int | None = None, num_images: int = 1,
                 eta: float = 0.0, clip_skip: int = 0, output_type: str = "pil",
-                return_latents: bool = False, callback=None, progress: bool = True) -> GenerationResult:
+                return_latents: bool = False, callback=None, progress: bool = True,
+                control=None) -> GenerationResult:
         """Repaint the white part of ``mask``; pixels where the (blurred) mask is black come back
         unchanged, and the result has the input image's size."""
         return self._generate(_request("inpaint", locals()))
@@ -248,6 +254,7 @@ class Pipeline:
         # 3. prompts → conditioning; one UNet call per step on the batch [uncond, cond]
         guidance = Guidance(float(request.guidance_scale), float(request.guidance_rescale))
         context = self._text_context(request, guidance)
+        control = self._control(request, len(schedule.timesteps))
 
         # 4. initial latents (random draws in diffusers' order), per mode
         canvas = Canvas(self.model, self.device, self.dtype, generators, request.batch,
@@ -255,8 +262,9 @@ class Pipeline:
         start = INITIAL_LATENTS[request.mode](canvas, schedule, request, soft_mask)
 
         # 5. denoise
-        latents, interrupted = denoise(self.model, start.latents, schedule,
-                                       start.conditioning(context), guidance, request.callback,
+        conditioning = dataclasses.replace(start.conditioning(context), control=control)
+        latents, interrupted = denoise(self.model, start.latents, schedule, conditioning,
+                                       guidance, request.callback,
                                        Progress(request.progress, request.mode))
 
         # 6. decode; inpainting pastes the result into the untouched original
@@ -307,6 +315,50 @@ class Pipeline:
         uncond = uncond.repeat_interleave(request.num_images, 0).to(self.dtype)
         return torch.cat([uncond, cond]) if guidance.enabled else cond
 
+    def _control(self, request: GenerationRequest, steps: int):
+        """The ControlNet units' stack for this generation (None without units): models loaded,
+        hints fitted to the image size and repeated for the batch."""
+        if not request.control:
+            return None
+        from .control import ControlStack, prepare_units
+
+        nets = [self.controlnet(unit.model) for unit in request.control]
+        units = prepare_units(request.control, nets, request.width, request.height, request.batch,
+                              self.device, self.dtype)
+        return ControlStack(units, steps)
+
+    # ------------------------------------------------------------------ ControlNet
+    def controlnet(self, spec) -> torch.nn.Module:
+        """A ControlNet ready for this pipeline: ``spec`` is a loaded ControlNet (moved to the
+        pipeline's device and dtype), or a file, folder or name (see
+        :func:`pipelines.control.find_controlnet`), loaded once and kept. One made for another
+        model family is refused."""
+        if isinstance(spec, torch.nn.Module):
+            return spec.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        from ldm.controlnet_loading import load_controlnet
+
+        from .control import find_controlnet
+
+        path = find_controlnet(spec, self.controlnet_dirs)
+        key = str(path.resolve())
+        if key not in self.controlnets:
+            net = load_controlnet(path, self.model.config, dtype=self.dtype, device=self.device)
+            self.controlnets[key] = net.requires_grad_(False)
+        return self.controlnets[key]
+
+    def _control_label(self, spec) -> str:
+        """A ControlNet as A1111 names it in the parameters: file stem [first 8 of its sha256]."""
+        if isinstance(spec, torch.nn.Module):
+            return getattr(spec, "name", None) or type(spec).__name__
+        from ldm.weights_io import file_hash
+
+        from .control import find_controlnet
+
+        path = find_controlnet(spec, self.controlnet_dirs)
+        if path.is_file():
+            return f"{path.stem} [{file_hash(path)[:8]}]"
+        return path.name
+
     def _images(self, request: GenerationRequest, latents: torch.Tensor, soft_mask) -> list[Image.Image]:
         # an overflow warning points past _generate and its inference-mode wrapper to the caller
         # of the entry point
@@ -328,6 +380,11 @@ class Pipeline:
         if request.guidance_rescale:
             common["guidance_rescale"] = request.guidance_rescale
         common.update(self._lora_parameters())
+        if request.control:
+            from .control import describe_unit
+
+            for i, unit in enumerate(request.control):
+                common[f"ControlNet {i}"] = describe_unit(unit, self._control_label(unit.model))
         n = request.num_images
         return [dict(prompt=request.prompt[i // n], negative_prompt=request.negative_prompt[i // n],
                      seed=seeds[i], **common) for i in range(request.batch)]

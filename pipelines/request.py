@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from . import preprocess as pre, schedulers
+from .control import as_units
 from .validate import check_number
 
 MODES = ("txt2img", "img2img", "inpaint")
@@ -52,6 +53,8 @@ PARAMETERS = {
     "return_latents": "keep the final latents in the result along with the images",
     "callback": "callback(i, total, latents) after each step; returning False stops",
     "progress": "show a progress bar",
+    "control": "ControlNet unit(s): pipelines.control.ControlUnit (model, hint image, weight, "
+               "guidance start/end, control and resize mode, preprocessor); their residuals add up",
 }
 
 
@@ -83,6 +86,7 @@ class GenerationRequest:
     return_latents: bool = False
     callback: Callable | None = None
     progress: bool = True
+    control: tuple = ()  # pipelines.control.ControlUnit, normalised to a tuple
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -103,6 +107,7 @@ class GenerationRequest:
         if self.callback is not None and not callable(self.callback):
             raise ValueError("callback must be callable as callback(step, total, latents)")
         self._check_randomness()
+        object.__setattr__(self, "control", as_units(self.control))
 
     def _check_numbers(self) -> None:
         if self.num_inference_steps is not None:

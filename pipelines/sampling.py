@@ -113,11 +113,13 @@ class Schedule:
 class Conditioning:
     """What the denoiser is conditioned on: the text (with guidance the rows [uncond, cond] for
     latents given once), an inpainting model's extra input channels (mask and masked-image
-    latents), or, for inpainting with an ordinary model, the known region blended in each step."""
+    latents), or, for inpainting with an ordinary model, the known region blended in each step;
+    ``control``: the ControlNet units (a ``pipelines.control.ControlStack``)."""
 
     context: torch.Tensor
     concat: torch.Tensor | None = None
     known: KnownRegion | None = None
+    control: object | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ def denoise(model, latents: torch.Tensor, schedule: Schedule, conditioning: Cond
     # decides whether the layers before the first cross-attention run once or per conditioning
     scheduler, timesteps = schedule.scheduler, schedule.timesteps
     context, concat, known = conditioning.context, conditioning.concat, conditioning.known
+    control = conditioning.control
     dtype = context.dtype
     total = len(timesteps)
     interrupted = False
@@ -148,7 +151,9 @@ def denoise(model, latents: torch.Tensor, schedule: Schedule, conditioning: Cond
         for i, t in enumerate(timesteps):
             run.begin_step()
             x = scheduler.scale_model_input(latents, t).to(dtype)
-            out = model.apply_model(x, t.expand(x.shape[0]), context, concat=concat)
+            residuals = None if control is None else control.residuals(i, x, t, context)
+            out = model.apply_model(x, t.expand(x.shape[0]), context, concat=concat,
+                                    control=residuals)
             latents = scheduler.step(guidance(out), t, latents, **schedule.step_kwargs,
                                      return_dict=False)[0]
             if known is not None:

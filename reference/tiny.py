@@ -16,8 +16,9 @@ def _base(name: str) -> dict:
     return yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
 
 
-def tiny_tree(kind: str = "sd1") -> dict:
-    """A CompVis config tree: ``sd1``, ``sd1-inpaint``, ``sd2``, ``sd2-v`` or ``sd2-inpaint``."""
+def tiny_tree(kind: str = "sd1", downscale: int = 2) -> dict:
+    """A CompVis config tree: ``sd1``, ``sd1-inpaint``, ``sd2``, ``sd2-v`` or ``sd2-inpaint``;
+    ``downscale``: the autoencoder's factor (8 as in SD, for ControlNet hints; 2 is cheaper)."""
     base = {"sd1": "v1-inference", "sd1-inpaint": "v1-inpainting-inference", "sd2": "v2-inference",
             "sd2-v": "v2-inference-v", "sd2-inpaint": "v2-inpainting-inference"}[kind]
     tree = copy.deepcopy(_base(base))
@@ -30,7 +31,8 @@ def tiny_tree(kind: str = "sd1") -> dict:
         unet["num_head_channels"] = 8
     else:
         unet["num_heads"] = 2
-    p["first_stage_config"]["params"]["ddconfig"].update(ch=32, ch_mult=[1, 2], resolution=64)
+    levels = {2: [1, 2], 8: [1, 1, 2, 2]}[downscale]
+    p["first_stage_config"]["params"]["ddconfig"].update(ch=32, ch_mult=levels, resolution=64)
     text = p["cond_stage_config"].setdefault("params", {})
     text.update(width=32, layers=3, heads=4, projection_dim=32)
     return tree
