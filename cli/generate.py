@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cli import control_args
 from cli.args import CommandError, UsageError, number
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -114,6 +115,7 @@ def add_parsers(sub) -> None:
         _input_options(p, strength, mask)
         _model_options(p)
         _sampling_options(p)
+        control_args.add_options(p)
         p.add_argument("-q", "--quiet", action="store_true",
                        help="no progress bar or notes; only the written files are printed")
 
@@ -252,11 +254,14 @@ def _generate(args) -> int:
     n = args.num_images
     paths = _output_paths(args, len(prompts) * n)
     extra = _image_inputs(args)
+    units = control_args.read_units(args)
     _check_model_args(args)
     seed = _seed_for(args, len(paths))
 
     # 2. the model (the file's hash for the PNG metadata is computed once, on first use)
     pipe = _load_pipeline(args)
+    for unit in units:  # a ControlNet for another model is refused before any image is made
+        pipe.controlnet(unit.model)
     generate = getattr(pipe, args.command)
     steps = pipe.sampling_settings(args.steps).num_inference_steps
     if "strength" in extra and int(steps * args.strength) == 0:
@@ -270,7 +275,8 @@ def _generate(args) -> int:
         result = generate(prompt, **extra, negative_prompt=args.negative_prompt,
                           num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                           scheduler=args.scheduler, seed=seed + j * n, num_images=n, eta=args.eta,
-                          clip_skip=args.clip_skip, progress=not args.quiet, **size)
+                          clip_skip=args.clip_skip, progress=not args.quiet, control=units,
+                          **size)
         for k, (image, params) in enumerate(zip(result.images, result.parameters)):
             params = dict(params)
             if args.command == "inpaint":
