@@ -80,7 +80,8 @@ def settings_from(args):
 
     from training.controlnet import ControlNetSettings
 
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ControlNetSettings)}
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ControlNetSettings)
+              if hasattr(args, f.name)}  # latents_file is for recipes
     try:
         return ControlNetSettings(**fields)
     except ValueError as exc:

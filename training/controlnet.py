@@ -65,6 +65,7 @@ class ControlNetSettings:
     resolution: int | None = None  # None: the model's
     caption_dropout: float = 0.5  # the paper replaces 50 % of prompts with the empty string
     cache_latents: bool = False
+    latents_file: Path | None = None  # with cache_latents: kept here, reused when its count matches
     num_workers: int = 0
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
@@ -79,7 +80,7 @@ class ControlNetSettings:
     quiet: bool = False
 
     def __post_init__(self):
-        for name in ("data", "output", "checkpoint", "config", "checkpoints_dir"):
+        for name in ("data", "output", "checkpoint", "config", "checkpoints_dir", "latents_file"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -248,29 +249,49 @@ def _validator(model, net, settings: ControlNetSettings, folder: Path, device):
             result = pipe.txt2img(prompt, control=[unit], seed=settings.validation_seed, progress=False)
             save_png(result.images[0], folder / f"step-{step:06d}-{k}.png", result.parameters[0])
         net.train()
-        for part in (model.model, model.cond_stage_model, model.first_stage_model):
+        for part in (model.model, model.cond_stage_model):
             part.to(frozen_dtype)
     return validate
 
 
 def _freeze(engine: Engine, model, settings: ControlNetSettings):
-    """Freeze the base in the mixed-precision dtype; the float32 ControlNet, alike on every process."""
+    """Freeze the base (UNet and text encoder in the mixed-precision dtype; the autoencoder stays
+    float32, as LoRA training keeps it); the float32 ControlNet, alike on every process."""
     frozen_dtype = weight_dtype(settings.mixed_precision)
     model.requires_grad_(False)
     model.eval()
     model.to(engine.device)
     net = init_controlnet(model)  # copied from the float32 weights, before the cast
-    for part in (model.model, model.cond_stage_model, model.first_stage_model):
+    for part in (model.model, model.cond_stage_model):
         part.to(frozen_dtype)
     if settings.gradient_checkpointing:
         net.set_gradient_checkpointing(True)
     return net
 
 
+def _posteriors(data, model, engine: Engine, settings: ControlNetSettings):
+    """(mean, std) of every target image, from ``settings.latents_file`` when it holds as many."""
+    from safetensors.torch import load_file, save_file
+
+    from .controlnet_data import encode_all
+
+    path = settings.latents_file
+    if path is not None and path.is_file():
+        cached = load_file(str(path))
+        if len(cached["mean"]) == len(data):
+            return cached["mean"], cached["std"]
+    progress = engine.accelerator.is_local_main_process and not settings.quiet
+    mean, std = encode_all(data, model.first_stage_model, engine.device, progress=progress)
+    if path is not None and engine.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"mean": mean, "std": std}, str(path))
+    return mean, std
+
+
 def train(settings: ControlNetSettings, model=None) -> Summary:
     """Train a ControlNet for the base model (``model``, else ``settings.checkpoint`` or the
     shipped model) and write ``settings.output``."""
-    from .controlnet_data import ControlPairs, collate, encode_all, scan_control_folder
+    from .controlnet_data import ControlPairs, collate, scan_control_folder
     from .lora import load_base_model
 
     examples = scan_control_folder(settings.data)  # 1. inputs, before anything heavy
@@ -289,8 +310,7 @@ def train(settings: ControlNetSettings, model=None) -> Summary:
     data = ControlPairs(examples, resolution, resolution // downscale * 8, settings.caption_dropout,
                         settings.seed)  # 3. data (the hint at 8× the latent size)
     if settings.cache_latents:
-        progress = engine.accelerator.is_local_main_process and not settings.quiet
-        data.posteriors = encode_all(data, model.first_stage_model, engine.device, progress=progress)
+        data.posteriors = _posteriors(data, model, engine, settings)
     facts = {"seed": settings.seed, "batch_size": settings.batch_size,
              "processes": engine.accelerator.num_processes, "resolution": resolution,
              "gradient_accumulation_steps": settings.gradient_accumulation_steps}

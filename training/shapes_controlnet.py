@@ -95,9 +95,33 @@ def train_settings(args):
         data=args.out / "data", output=args.out / "tiny-shapes-canny.safetensors",
         max_steps=args.steps, learning_rate=args.lr, lr_scheduler="constant_with_warmup",
         lr_warmup_steps=min(100, args.steps // 10), batch_size=args.batch_size, seed=args.seed,
-        caption_dropout=args.caption_dropout, cache_latents=True, checkpointing_steps=args.save_every,
+        caption_dropout=args.caption_dropout, cache_latents=True,
+        latents_file=args.out / "latents.safetensors", checkpointing_steps=args.save_every,
         checkpoints_total_limit=2, resume="latest" if args.resume else None, save_precision="fp16",
         mixed_precision=args.mixed_precision, cpu=True, quiet=args.quiet)
+
+
+def export_state(state: Path, dest: Path) -> Path:
+    """The ControlNet of a training state folder (``step-NNNNNN``) as a fp16 ControlNet file, to
+    measure a run while it trains."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ldm.checkpoint import embedded_config
+    from ldm.config import load_config
+    from ldm.controlnet_config import ControlNetConfig
+    from ldm.modules.controlnet import ControlNet
+    from pipelines.pipeline import default_model
+
+    from .controlnet import save_controlnet
+
+    path, config = default_model()
+    cfg = load_config(config) if config else embedded_config(path)
+    net = ControlNet(ControlNetConfig.from_unet(cfg.unet))
+    weights = load_file(str(state / "model.safetensors"))
+    net.load_state_dict({k.removeprefix("controlnet."): v for k, v in weights.items()}, strict=True)
+    save_controlnet(net, dest, cfg, dtype=torch.float16, metadata={"state": state.name})
+    return dest
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -169,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.shapes_controlnet",
                                 description="Train and measure the canny ControlNet of tiny-shapes.")
     sub = p.add_subparsers(dest="stage", required=True)
-    for name in ("data", "train", "evaluate", "all"):
+    for name in ("data", "train", "evaluate", "all", "export"):
         s = sub.add_parser(name)
         s.add_argument("--out", type=Path, default=RUN, help="run folder (default %(default)s)")
         s.add_argument("--examples", type=int, default=20000, help="rendered training scenes")
@@ -182,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", action="store_true", help="continue the run in --out")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--quiet", action="store_true")
-        s.add_argument("--file", type=Path, help="evaluate: the ControlNet (default: the shipped one)")
+        s.add_argument("--file", type=Path, help="evaluate: the ControlNet (default: the shipped "
+                       "one); export: the file to write")
+        s.add_argument("--state", type=Path, help="export: a training state folder")
         s.add_argument("--count", type=int, default=200, help="evaluate: trained-pair samples")
         s.add_argument("--held-out", type=int, default=100, help="evaluate: held-out-pair samples")
         s.add_argument("--eval-seed", type=int, default=REPORT_SEED,
@@ -199,6 +225,9 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.stage == "export":
+        print(export_state(args.state, args.file))
+        return 0
     if args.stage in ("data", "all"):
         write_data(args.out / "data", args.examples, TRAIN_SEED + args.seed * 1_000_000)
     if args.stage in ("train", "all"):
