@@ -241,3 +241,28 @@ def test_strip_prefix():
     sd = {"control_model.time_embed.0.weight": torch.zeros(1), "model.diffusion_model.x": torch.zeros(1)}
     assert list(strip_prefix(sd)) == ["time_embed.0.weight"]
     assert list(strip_prefix({"time_embed.0.weight": torch.zeros(1)})) == ["time_embed.0.weight"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cldm_v15", "cldm_v21"])
+def test_full_size_residuals_match_diffusers(name):
+    """The released ControlNet architectures at full width, random weights: residuals equal
+    diffusers' ControlNetModel built by its own converter (8×8 latents keep the forward short)."""
+    import yaml
+
+    from ldm.resources import config_dir
+
+    _, cfg = builtin_cldm_config(name)
+    ours = randomize_(ControlNet(cfg), seed=5, scale=0.2).eval()
+    tree = yaml.safe_load((config_dir() / f"{name}.yaml").read_text())
+    prefixed = {f"control_model.{k}": v for k, v in ours.state_dict().items()}
+    ref_model = diffusers_controlnet(tree, prefixed)
+    assert sum(p.numel() for p in ref_model.parameters()) == sum(p.numel() for p in ours.parameters())
+    x, hint, context = inputs(cfg, 1, 8, 8)
+    t = torch.tensor([421])
+    with torch.no_grad():
+        out = ours(x, hint, t, context)
+        ref = reference_residuals(ref_model, x, hint, t, context)
+    assert len(out) == len(ref) == 13
+    for i, (a, b) in enumerate(zip(out, ref)):
+        check_close(f"{name} residual {i}", a, b)
