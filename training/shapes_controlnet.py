@@ -150,6 +150,7 @@ def evaluate(path: Path, count: int, held_out: int, seed: int, out: Path, steps:
     (scene ``i`` from ``random.Random(seed + i)``, sampling seed ``seed + i``) and compare each
     with its hint's scene: IoU of the shape masks, colour and background by the analyzer."""
     import torch
+    from PIL import Image
 
     from ldm.controlnet_loading import load_controlnet
     from pipelines.control import ControlUnit
@@ -173,6 +174,13 @@ def evaluate(path: Path, count: int, held_out: int, seed: int, out: Path, steps:
             image = pipe.txt2img(caption(spec), control=[unit], seed=s, num_inference_steps=steps,
                                  progress=False).images[0]
             found = analyze(image)
+            if i < 8:  # a few (hint, render, generated) triples to look at
+                samples = out.parent / "samples"
+                samples.mkdir(parents=True, exist_ok=True)
+                strip = Image.new("RGB", (3 * scene.width, scene.height))
+                for j, im in enumerate((unit.image, scene, image)):
+                    strip.paste(im, (j * scene.width, 0))
+                strip.save(samples / f"{group}-{s}.png")
             ious.append(iou(shape_mask(image), shape_mask(scene)))
             colour.append(found.colour == spec.colour)
             background.append(found.background == spec.background)
@@ -197,11 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name)
         s.add_argument("--out", type=Path, default=RUN, help="run folder (default %(default)s)")
         s.add_argument("--examples", type=int, default=20000, help="rendered training scenes")
-        s.add_argument("--steps", type=int, default=3000)
+        s.add_argument("--steps", type=int, default=2000)
         s.add_argument("--batch-size", type=int, default=32)
-        s.add_argument("--lr", type=float, default=1e-4)
+        s.add_argument("--lr", type=float, default=2e-4)
         s.add_argument("--caption-dropout", type=float, default=0.5)
-        s.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
+        s.add_argument("--mixed-precision", choices=("no", "bf16"), default="bf16",
+                       help="bf16: the frozen UNet in bfloat16 (1.75x faster on this AMX CPU)")
         s.add_argument("--save-every", type=int, default=100)
         s.add_argument("--resume", action="store_true", help="continue the run in --out")
         s.add_argument("--seed", type=int, default=0)

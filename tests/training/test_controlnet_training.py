@@ -274,3 +274,25 @@ def test_two_processes_through_accelerate_launch(files, tmp_path):
     assert meta["processes"] == "2" and meta["steps"] == "3"
     names = sorted(p.name for p in (tmp_path / "ddp-checkpoints" / "step-000002").iterdir())
     assert "random_states_0.pkl" in names and "random_states_1.pkl" in names
+
+
+def test_validation_draws_through_the_pipelines_control_unit(files, tmp_path):
+    """Validation images come from the pipeline with a ControlUnit. The pipeline fits hints to
+    the image size, so this base has an f=8 autoencoder (the tiny configs' is f=2)."""
+    pytest.importorskip("pipelines.control", reason="the pipeline's ControlUnit is not there yet")
+    from ldm.checkpoint import save_checkpoint
+    from ldm.config import parse_config
+    from ldm.model import LatentDiffusion
+    from reference.models import randomize_
+
+    tree = tiny_tree("sd1")
+    tree["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["ch_mult"] = [1, 1, 1, 1]
+    base = tmp_path / "f8.safetensors"
+    save_checkpoint(randomize_(LatentDiffusion(parse_config(tree, "f8")), seed=2), base)
+    out = tmp_path / "v.safetensors"
+    argv = ["train-controlnet", "--data", files["data"], "--checkpoint", base, "--output", out,
+            "--resolution", 64, "--batch-size", 1, "--max-steps", 2, "-q",
+            "--validation-prompt", "a red circle", "--validation-steps", 2,
+            "--validation-image", files["data"] / "conditioning" / "s0.png"]
+    assert main([str(a) for a in argv]) == 0
+    assert (tmp_path / "v-validation" / "step-000002-0.png").is_file()
