@@ -21,9 +21,8 @@ from ldm.speed import SpeedOptions
 from pipelines.control import ControlUnit
 from pipelines.pipeline import Pipeline
 from reference import pipelines as dp
-from reference.models import randomize_
+from reference.models import diffusers_controlnet, randomize_
 from reference.tiny import tiny_tree
-from tests.ldm.test_controlnet import diffusers_controlnet
 from tests.pipelines.test_pipeline_parity import SEED, _common, _u8, assert_close, assert_far
 
 pytestmark = pytest.mark.usefixtures("single_thread")
