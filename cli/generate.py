@@ -221,6 +221,28 @@ def _seed_for(args, count: int) -> int:
     return seed
 
 
+# ---------------------------------------------------------------- several processes
+def shard(count: int, rank: int, world: int) -> list[int]:
+    """The prompt indices process ``rank`` of ``world`` makes: every ``world``-th from ``rank``.
+    Each prompt keeps its index, hence its seeds and file names, whoever makes it."""
+    return list(range(rank, count, world))
+
+
+def _processes(device: str | None):
+    """Accelerate's PartialState under ``accelerate launch`` with several processes, else None.
+    WORLD_SIZE (set by the launcher) is read first so a single run never imports accelerate."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    # Accelerate joins CPU processes (gloo) only when told to; otherwise it would run N lone copies
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
 # ---------------------------------------------------------------- generation
 def _load_pipeline(args):
     from pipelines.pipeline import Pipeline
@@ -249,6 +271,13 @@ def run(args) -> int:
 def _generate(args) -> int:
     from pipelines import images
 
+    state = _processes(args.device)
+    if state is not None:
+        if args.device is None:  # one device per process (cuda:LOCAL_RANK, or the CPU)
+            args.device = str(state.device)
+        if not state.is_main_process:  # one progress bar and one set of notes
+            args.quiet = True
+
     # 1. everything the user gave, checked before the (slow) model load
     prompts = [args.prompt] if args.from_file is None else _read_prompts(args.from_file)
     n = args.num_images
@@ -257,6 +286,9 @@ def _generate(args) -> int:
     units = control_args.read_units(args)
     _check_model_args(args)
     seed = _seed_for(args, len(paths))
+    if state is not None and args.seed in (None, -1):  # a random seed: process 0's, for all
+        from accelerate.utils import broadcast_object_list
+        seed = broadcast_object_list([seed])[0]
 
     # 2. the model (the file's hash for the PNG metadata is computed once, on first use)
     pipe = _load_pipeline(args)
@@ -270,8 +302,11 @@ def _generate(args) -> int:
                     "raise --steps or --strength to change the image")
     size = {k: v for k, v in (("width", args.width), ("height", args.height)) if v is not None}
 
-    # 3. one call per prompt; each prompt's images are written as soon as they exist
-    for j, prompt in enumerate(prompts):
+    # 3. one call per prompt (this process's share of them); images written as soon as they exist
+    mine = range(len(prompts)) if state is None else \
+        shard(len(prompts), state.process_index, state.num_processes)
+    for j in mine:
+        prompt = prompts[j]
         result = generate(prompt, **extra, negative_prompt=args.negative_prompt,
                           num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                           scheduler=args.scheduler, seed=seed + j * n, num_images=n, eta=args.eta,
