@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from cli import generate, info, preprocess
+from cli import generate, info, preprocess, serve
 from cli.args import CommandError, Parser, UsageError
 
 
@@ -27,6 +27,7 @@ def build_parser() -> Parser:
                    "images and captions (see 'ldm train-controlnet --help')")
     info.add_parser(sub)
     preprocess.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 
@@ -42,6 +43,8 @@ def _dispatch(argv: list[str]) -> int:
         return info.run(args)
     if args.command == "preprocess":
         return preprocess.run(args)
+    if args.command == "serve":
+        return serve.run(args)
     generate.check(args)
     return generate.run(args)
 

@@ -147,15 +147,19 @@ class Worker:
     def pipeline(self, index: int = 0):
         return self.pipes[index]
 
-    def stop(self, cancel_running: bool = False, timeout: float | None = None) -> None:
-        """Refuse new jobs, cancel the queued ones, let the running ones finish (or interrupt
-        them), and wait for the threads."""
+    def close(self) -> None:
+        """Refuse new jobs and cancel the queued ones; the running ones go on."""
         with self.cond:
             self.stopping = True
             while self.queue:
                 job = self.queue.popleft()
-                job.future.set_exception(ShuttingDown("the server is shutting down"))
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(ShuttingDown("the server is shutting down"))
             self.cond.notify_all()
+
+    def stop(self, cancel_running: bool = False, timeout: float | None = None) -> None:
+        """:meth:`close`, then interrupt the running jobs if asked, and wait for the threads."""
+        self.close()
         if cancel_running:
             self.interrupt()
         for t in self.threads:
