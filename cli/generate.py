@@ -74,6 +74,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="attention kernel (default: sdpa; xformers falls back to sdpa when unusable)")
     m.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (kohya or diffusers file) at SCALE (default 1); repeatable")
+    m.add_argument("--embeddings-dir", metavar="DIR",
+                   help="textual-inversion files (.pt/.safetensors) whose file names become prompt "
+                        "words (default: embeddings/ beside the checkpoint)")
     m.add_argument("--vae-tiling", action="store_true",
                    help="decode large images in overlapping tiles to save memory")
 
@@ -166,6 +169,8 @@ def _check_model_args(args) -> None:
     for path, _ in args.lora:
         if not Path(path).is_file():
             raise CommandError(f"LoRA {path}: no such file")
+    if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
+        raise CommandError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
     if args.config is not None:
         from ldm.config import load_config
         load_config(args.config)  # ConfigError names the file and the field
@@ -249,6 +254,8 @@ def _load_pipeline(args):
     pipe = Pipeline.from_checkpoint(args.checkpoint, config=args.config, device=args.device,
                                     dtype=args.dtype, attention=args.attention, use_ema=args.ema,
                                     prediction=args.prediction, scheduler=args.scheduler)
+    if args.embeddings_dir:
+        pipe.embeddings_dir = Path(args.embeddings_dir)
     if args.vae_tiling:
         pipe.enable_vae_tiling(True)
     if args.lora:

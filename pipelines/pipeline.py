@@ -112,6 +112,10 @@ class Pipeline:
         self.attention = model.set_attention_backend(attention)
         self.model_name = model_name
         self.model_path: str | None = None
+        # textual-inversion words: files in embeddings_dir (loaded when a prompt uses their
+        # stem) and those added with load_embedding
+        self.embeddings_dir: Path | None = None
+        self.embeddings: dict[str, object] = {}
         # ControlNets by resolved path, placed like the model; where names are looked up
         self.controlnets: dict[str, torch.nn.Module] = {}
         self.controlnet_dirs: list[Path] = []
@@ -142,6 +146,7 @@ class Pipeline:
         pipe = cls(model, device=device, dtype=dtype, attention=attention, model_name=Path(path).stem,
                    speed=speed)
         pipe.model_path = str(path)
+        pipe.embeddings_dir = Path(path).parent / "embeddings"  # as A1111's embeddings/ folder
         return pipe
 
     def enable_vae_tiling(self, enabled: bool = True, tile_size: int | None = None) -> None:
@@ -310,7 +315,7 @@ class Pipeline:
     def _text_context(self, request: GenerationRequest, guidance: Guidance) -> torch.Tensor:
         """The text conditioning of every image: rows [uncond, cond] with guidance, else cond."""
         cond, uncond = encode_prompts(self.model, request.prompt, request.negative_prompt,
-                                      request.clip_skip)
+                                      request.clip_skip, self.embeddings_in(request))
         cond = cond.repeat_interleave(request.num_images, 0).to(self.dtype)
         uncond = uncond.repeat_interleave(request.num_images, 0).to(self.dtype)
         return torch.cat([uncond, cond]) if guidance.enabled else cond
@@ -326,6 +331,35 @@ class Pipeline:
         units = prepare_units(request.control, nets, request.width, request.height, request.batch,
                               self.device, self.dtype)
         return ControlStack(units, steps)
+
+    # ------------------------------------------------------------------ textual inversion
+    def load_embedding(self, path, name: str | None = None) -> str:
+        """Make an embedding file's vectors a prompt word (its file stem unless ``name`` is
+        given); one of another text-encoder width is refused. Returns the word."""
+        from ldm.embeddings import load_embedding
+        from ldm.embeddings import token_embedding as layer
+
+        emb = load_embedding(path, layer(self.model.cond_stage_model).embedding_dim)
+        word = name or emb.name
+        self.embeddings[word] = dataclasses.replace(emb, name=word)
+        return word
+
+    def embeddings_in(self, request: GenerationRequest) -> dict:
+        """The embeddings whose words appear in the request's prompts or negative prompts: those
+        loaded, and files of ``embeddings_dir`` (loaded now, once)."""
+        import re
+
+        from ldm.embeddings import find_embeddings
+
+        texts = "\n".join(request.prompt + request.negative_prompt)
+        found = find_embeddings(self.embeddings_dir) if self.embeddings_dir else {}
+        used = {}
+        for word in set(found) | set(self.embeddings):
+            if re.search(rf"(?<!\w){re.escape(word)}(?!\w)", texts):
+                if word not in self.embeddings:
+                    self.load_embedding(found[word])
+                used[word] = self.embeddings[word]
+        return used
 
     # ------------------------------------------------------------------ ControlNet
     def controlnet(self, spec) -> torch.nn.Module:
@@ -380,6 +414,12 @@ class Pipeline:
         if request.guidance_rescale:
             common["guidance_rescale"] = request.guidance_rescale
         common.update(self._lora_parameters())
+        used = self.embeddings_in(request)
+        if used:  # A1111's "TI hashes": the first 12 hex digits of each file's sha256
+            from ldm.weights_io import file_hash
+
+            common["TI hashes"] = ", ".join(
+                f"{w}: {file_hash(e.path)[:12]}" for w, e in sorted(used.items()) if e.path)
         if request.control:
             from .control import describe_unit
 

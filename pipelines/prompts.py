@@ -113,44 +113,100 @@ def _is_float(s: str) -> bool:
 class Chunk(NamedTuple):
     tokens: list[int]    # at most ``chunk_length`` token ids, no start/end tokens
     weights: list[float]
+    # per token: None, or the textual-inversion vector that replaces the token's embedding row
+    embeds: list | None = None
+
+
+PLACEHOLDER = 0  # the id under an embedding vector: low, so argmax-pooling still finds the end token
+
+
+def embedding_matcher(tokenizer, embeddings) -> dict[int, list]:
+    """First token id → [(the word's ids, its vectors)], longest words first (A1111 matches an
+    embedding by the token ids of its name in the prompt)."""
+    table: dict[int, list] = {}
+    for name, emb in (embeddings or {}).items():
+        ids = tokenizer.encode(clean_text(name))
+        if ids:
+            table.setdefault(ids[0], []).append((ids, emb.vectors))
+    for options in table.values():
+        options.sort(key=lambda o: -len(o[0]))
+    return table
+
+
+def _expand(tokens: list[int], matcher: dict) -> list[tuple[int, object]]:
+    """(id, None) per ordinary token; an embedding's word becomes (PLACEHOLDER, vector) per vector,
+    the group as one tuple item ``(None, vectors)`` so it is never split across chunks."""
+    out: list = []
+    i = 0
+    while i < len(tokens):
+        for ids, vectors in matcher.get(tokens[i], ()):
+            if tokens[i:i + len(ids)] == ids:
+                out.append((None, vectors))
+                i += len(ids)
+                break
+        else:
+            out.append((tokens[i], None))
+            i += 1
+    return out
 
 
 def tokenize_prompt(tokenizer, text: str, chunk_length: int = 75,
-                    comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+                    comma_backtrack: int = COMMA_BACKTRACK, embeddings=None) -> list[Chunk]:
     """Parse, tokenise (without special tokens) and split into chunks of ``chunk_length`` tokens.
 
     When a chunk fills up and its last comma lies within ``comma_backtrack`` tokens of its end, the
     tokens after that comma move to the next chunk so a phrase is not cut in two (A1111's rule).
     An empty prompt, or one that ends in BREAK, yields no trailing empty chunk unless it is the only one.
+    ``embeddings`` (word → :class:`ldm.embeddings.TextualInversion`): each occurrence of a word
+    becomes its vectors, kept whole in one chunk (a group that does not fit starts the next).
     """
     parsed = parse_prompt_attention(text)
     words = [t for t, w in parsed if (t, w) != BREAK_MARK]
     words = [clean_text(t) for t in words]  # as ldm.modules.tokenizer.tokenize does for plain prompts
     token_lists = iter([tokenizer.encode(w) for w in words])
+    matcher = embedding_matcher(tokenizer, embeddings)
     comma = tokenizer.token_to_id(",</w>")
     chunks: list[Chunk] = []
-    cur = Chunk([], [])
+    cur = Chunk([], [], [])
     last_comma = -1
+
+    def push(chunk: Chunk) -> None:
+        chunks.append(chunk if any(e is not None for e in chunk.embeds) else Chunk(chunk.tokens,
+                                                                                   chunk.weights))
 
     for piece in parsed:
         if piece == BREAK_MARK:
-            chunks.append(cur)
-            cur, last_comma = Chunk([], []), -1
+            push(cur)
+            cur, last_comma = Chunk([], [], []), -1
             continue
         weight = piece[1]
-        for token in next(token_lists):
+        for token, vectors in _expand(next(token_lists), matcher):
+            if vectors is not None:  # an embedding: all its vectors in one chunk
+                n = len(vectors)
+                if n > chunk_length:
+                    raise ValueError(f"an embedding of {n} vectors does not fit in a chunk of "
+                                     f"{chunk_length} tokens")
+                if len(cur.tokens) + n > chunk_length:
+                    push(cur)
+                    cur, last_comma = Chunk([], [], []), -1
+                cur.tokens.extend([PLACEHOLDER] * n)
+                cur.weights.extend([weight] * n)
+                cur.embeds.extend(list(vectors))
+                continue
             if len(cur.tokens) == chunk_length:
                 keep = len(cur.tokens)
                 if token != comma and last_comma >= 0 and chunk_length - last_comma <= comma_backtrack:
                     keep = last_comma + 1
-                chunks.append(Chunk(cur.tokens[:keep], cur.weights[:keep]))
-                cur, last_comma = Chunk(cur.tokens[keep:], cur.weights[keep:]), -1
+                push(Chunk(cur.tokens[:keep], cur.weights[:keep], cur.embeds[:keep]))
+                cur = Chunk(cur.tokens[keep:], cur.weights[keep:], cur.embeds[keep:])
+                last_comma = -1
             if token == comma:
                 last_comma = len(cur.tokens)
             cur.tokens.append(token)
             cur.weights.append(weight)
+            cur.embeds.append(None)
     if cur.tokens or not chunks:
-        chunks.append(cur)
+        push(cur)
     return chunks
 
 
@@ -196,12 +252,13 @@ def _as_list(value, name: str) -> list[str]:
     return items
 
 
-def encode_prompts(model, prompts: list[str], negatives: list[str],
-                   clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(model, prompts: list[str], negatives: list[str], clip_skip: int = 0,
+                   embeddings=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Conditioning for classifier-free guidance: ``(cond, uncond)``, each (B, 77·k, width).
 
     Every prompt and negative prompt is padded with empty-prompt chunks to the same k, as A1111 does
     so that both halves batch into one UNet call. A single negative prompt applies to every prompt.
+    ``embeddings``: textual-inversion words usable in both (see :func:`tokenize_prompt`).
     """
     prompts, negatives = _as_list(prompts, "prompts"), _as_list(negatives, "negative prompts")
     if not prompts:
@@ -216,7 +273,7 @@ def encode_prompts(model, prompts: list[str], negatives: list[str],
         raise ValueError(f"clip_skip must be an integer from 0 to {usable - 1}, got {clip_skip!r}")
 
     tokenizer = tokenizer_for(cfg)
-    chunked = {t: tokenize_prompt(tokenizer, t, cfg.max_length - 2)
+    chunked = {t: tokenize_prompt(tokenizer, t, cfg.max_length - 2, embeddings=embeddings)
                for t in dict.fromkeys(prompts + negatives)}
     k = max(len(c) for c in chunked.values())
 
@@ -224,7 +281,17 @@ def encode_prompts(model, prompts: list[str], negatives: list[str],
         rows = [chunk_ids(c, cfg.pad_token_id, cfg.max_length, SOT, EOT) for c in chunks]
         ids = torch.tensor([r[0] for r in rows])
         weights = torch.tensor([r[1] for r in rows])
-        return apply_weights(model.get_learned_conditioning(ids, clip_skip), weights)
+        vectors = [(r, 1 + j, v) for r, c in enumerate(chunks) for j, v in enumerate(c.embeds or ())
+                   if v is not None]
+        if not vectors:
+            return apply_weights(model.get_learned_conditioning(ids, clip_skip), weights)
+        from ldm.embeddings import overridden
+
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        for r, j, _ in vectors:
+            mask[r, j] = True
+        with overridden(model.cond_stage_model, mask, torch.stack([v for _, _, v in vectors])):
+            return apply_weights(model.get_learned_conditioning(ids, clip_skip), weights)
 
     with torch.no_grad():
         # each distinct prompt is encoded once, on its own, so a prompt conditions the same whatever

@@ -40,9 +40,24 @@ class Embedding(nn.Embedding):
     built to be loaded (weights on meta) then draws nothing, and PyTorch's meta ``normal_``, which
     imports torch._dynamo (~1 s), is never called. On a real device it draws as ``nn.Embedding``."""
 
+    # (mask (B, n) bool, vectors (k, width)): rows that replace the looked-up ones for one call
+    # (textual-inversion words, set by ldm.embeddings.overridden); None = a plain lookup
+    overrides: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:
             super().reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(input_ids)
+        if self.overrides is None:
+            return out
+        mask, vectors = self.overrides
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"embedding overrides are for ids of shape {tuple(mask.shape)}, "
+                             f"got {tuple(input_ids.shape)}")
+        # out of place, so that gradients reach the vectors when they are being trained
+        return out.index_put(mask.to(out.device).nonzero(as_tuple=True), vectors.to(out))
 
 
 class CLIPTextEmbeddings(nn.Module):
