@@ -1,12 +1,13 @@
 """``ldm serve``: AUTOMATIC1111's HTTP API and the page, on one loaded model (server/).
 
 FastAPI, uvicorn and torch are imported inside :func:`run`, so ``ldm --help`` stays instant.
-SIGTERM or Ctrl-C: queued jobs are answered 503, the running one finishes (interrupted after
-``GRACE_S``), and the command exits 0.
+SIGTERM: queued jobs are answered 503, the running one finishes (interrupted after ``GRACE_S``),
+and the command exits 0 (Ctrl-C does the same and exits 130, as other commands do).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from cli.args import CommandError, number
@@ -91,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         def handle_exit(self, sig, frame):
             worker.close()  # queued jobs get 503 now; the running one may finish
             super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after its shutdown; SIGTERM is a normal stop here
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list) and sig == signal.SIGTERM:
+                captured.remove(sig)
 
     server = Server(uvicorn.Config(app, host=host, port=args.port, log_level="info",
                                    timeout_graceful_shutdown=GRACE_S))
