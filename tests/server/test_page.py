@@ -282,3 +282,14 @@ def test_model_and_lora_pickers(page, server):
     page.select_option("#lora", "shapes-style")
     assert page.input_value("#prompt") == "a red circle <lora:shapes-style:1>"
     assert page.input_value("#lora") == ""
+
+
+def test_a_refused_request_shows_the_servers_reason(page, server):
+    page.fill("#prompt", PROMPT)
+    _fill(page, steps=1000)  # over ldm serve's --max-steps (150)
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+    assert "steps" in page.inner_text("#error").lower()
+    assert page.inner_text("#status") == "failed"
+    page.wait_for_selector("#generate:not([disabled])")
+    assert page.locator("#gallery .result").count() == 0
