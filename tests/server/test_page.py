@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +33,21 @@ def _chromium() -> str | None:
     return None
 
 
+def _skip(reason: str):
+    # also a warning: `pytest -q` lists warnings, while skip reasons need -rs
+    warnings.warn(f"page test skipped: {reason}", stacklevel=2)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("playwright is not installed (pip install -e '.[test]')")
+        _skip("playwright is not installed (pip install -e '.[test]')")
     executable = os.environ.get("LDM_TEST_CHROMIUM") or _chromium()
     if executable is None:
-        pytest.skip("no Chromium on this machine (apt-get install -y chromium)")
+        _skip("no Chromium on this machine (apt-get install -y chromium)")
     with sync_playwright() as p:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
         chromium = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
