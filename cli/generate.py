@@ -95,6 +95,15 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                         "dpmpp_sde_karras, unipc (default: the model's, else dpmpp_2m)")
     s.add_argument("--seed", type=_seed, metavar="S",
                    help="random seed; image i of a batch uses S+i (default: random, printed)")
+    s.add_argument("--subseed", type=_seed, metavar="S",
+                   help="variation seed: image i's noise moves towards that of S+i (A1111's; "
+                        "default with --subseed-strength: random)")
+    s.add_argument("--subseed-strength", type=number(float, 0.0, 1.0), default=0.0, metavar="X",
+                   help="how far towards the variation seed's noise, 0 to 1 (default: 0)")
+    s.add_argument("--seed-resize-from-w", type=number(int, 0), default=0, metavar="W",
+                   help="draw the seed's noise as for this width and paste it centred (A1111's "
+                        "'resize seed from'; with --seed-resize-from-h)")
+    s.add_argument("--seed-resize-from-h", type=number(int, 0), default=0, metavar="H")
     s.add_argument("--width", type=number(int, 1), metavar="W", help="default: the model's size")
     s.add_argument("--height", type=number(int, 1), metavar="H", help="default: the model's size")
     s.add_argument("--num-images", type=number(int, 1), default=1, metavar="N",
@@ -129,10 +138,13 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError("give either PROMPT or --from-file, not both")
     if args.prompt is None and not args.from_file:
         raise UsageError(f"missing PROMPT (or --from-file TXT) (see 'ldm {args.command} --help')")
-    for name in ("width", "height"):
+    if bool(args.seed_resize_from_w) != bool(args.seed_resize_from_h):
+        raise UsageError("give both --seed-resize-from-w and --seed-resize-from-h, or neither")
+    for name in ("width", "height", "seed_resize_from_w", "seed_resize_from_h"):
         value = getattr(args, name)
         if value is not None and value % 8:  # the autoencoder works on multiples of 8 pixels
-            raise UsageError(f"argument --{name}: must be a multiple of 8, got {value}")
+            raise UsageError(f"argument --{name.replace('_', '-')}: must be a multiple of 8, "
+                             f"got {value}")
     if not args.output.lower().endswith(".png"):
         raise UsageError(f"--output must name a .png file, got {args.output!r}")
 
@@ -318,6 +330,10 @@ def _generate(args) -> int:
                           num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                           scheduler=args.scheduler, seed=seed + j * n, num_images=n, eta=args.eta,
                           clip_skip=args.clip_skip, progress=not args.quiet, control=units,
+                          subseed=None if args.subseed in (None, -1) else args.subseed + j * n,
+                          subseed_strength=args.subseed_strength,
+                          seed_resize_from_h=args.seed_resize_from_h,
+                          seed_resize_from_w=args.seed_resize_from_w,
                           **size)
         for k, (image, params) in enumerate(zip(result.images, result.parameters)):
             params = dict(params)

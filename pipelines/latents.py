@@ -40,6 +40,7 @@ class Canvas:
     batch: int
     height: int
     width: int
+    variation: object | None = None  # pipelines.variation.Variation
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -47,6 +48,12 @@ class Canvas:
         return (self.batch, self.model.config.channels, self.height // f, self.width // f)
 
     def noise(self) -> torch.Tensor:
+        if self.variation is not None and self.variation.active:
+            from .variation import variation_noise
+
+            noise = variation_noise(self.shape, self.generators, self.variation,
+                                    self.model.config.autoencoder.downscale)
+            return noise.to(self.device, self.dtype)
         return randn(self.shape, self.generators, self.device, self.dtype)
 
 

@@ -214,7 +214,8 @@ class Pipeline:
                 height: int | None = None, width: int | None = None, num_images: int = 1,
                 eta: float = 0.0, clip_skip: int = 0, output_type: str = "pil",
                 return_latents: bool = False, callback=None, progress: bool = True,
-                control=None) -> GenerationResult:
+                control=None, subseed: int | None = None, subseed_strength: float = 0.0,
+                seed_resize_from_h: int = 0, seed_resize_from_w: int = 0) -> GenerationResult:
         """Images from text."""
         return self._generate(_request("txt2img", locals()))
 
@@ -225,7 +226,8 @@ class Pipeline:
                 generator=None, height: int | None = None, width: int | None = None,
                 num_images: int = 1, eta: float = 0.0, clip_skip: int = 0, output_type: str = "pil",
                 return_latents: bool = False, callback=None, progress: bool = True,
-                control=None) -> GenerationResult:
+                control=None, subseed: int | None = None, subseed_strength: float = 0.0,
+                seed_resize_from_h: int = 0, seed_resize_from_w: int = 0) -> GenerationResult:
         """Redraw ``image``: ``strength`` 0 keeps it, 1 replaces it."""
         return self._generate(_request("img2img", locals()))
 
@@ -237,7 +239,8 @@ class Pipeline:
                 height: int | None = None, width: int | None = None, num_images: int = 1,
                 eta: float = 0.0, clip_skip: int = 0, output_type: str = "pil",
                 return_latents: bool = False, callback=None, progress: bool = True,
-                control=None) -> GenerationResult:
+                control=None, subseed: int | None = None, subseed_strength: float = 0.0,
+                seed_resize_from_h: int = 0, seed_resize_from_w: int = 0) -> GenerationResult:
         """Repaint the white part of ``mask``; pixels where the (blurred) mask is black come back
         unchanged, and the result has the input image's size."""
         return self._generate(_request("inpaint", locals()))
@@ -263,7 +266,7 @@ class Pipeline:
 
         # 4. initial latents (random draws in diffusers' order), per mode
         canvas = Canvas(self.model, self.device, self.dtype, generators, request.batch,
-                        request.height, request.width)
+                        request.height, request.width, _variation(request, generators, seeds))
         start = INITIAL_LATENTS[request.mode](canvas, schedule, request, soft_mask)
 
         # 5. denoise
@@ -294,6 +297,8 @@ class Pipeline:
             width = cfg.default_image_size if request.width is None else request.width
         else:
             height, width = pre.target_size(request.image, request.height, request.width)
+        if request.subseed_strength and request.subseed is None:  # A1111 draws one
+            request = request.replace(subseed=secrets.randbelow(2**32))
         return request.replace(num_inference_steps=used.num_inference_steps,
                                guidance_scale=used.guidance_scale, scheduler=used.scheduler,
                                height=height, width=width)
@@ -413,6 +418,8 @@ class Pipeline:
             common["mask_blur"] = request.mask_blur
         if request.guidance_rescale:
             common["guidance_rescale"] = request.guidance_rescale
+        if request.seed_resize_from_h:
+            common["Seed resize from"] = f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
         common.update(self._lora_parameters())
         used = self.embeddings_in(request)
         if used:  # A1111's "TI hashes": the first 12 hex digits of each file's sha256
@@ -426,8 +433,28 @@ class Pipeline:
             for i, unit in enumerate(request.control):
                 common[f"ControlNet {i}"] = describe_unit(unit, self._control_label(unit.model))
         n = request.num_images
-        return [dict(prompt=request.prompt[i // n], negative_prompt=request.negative_prompt[i // n],
-                     seed=seeds[i], **common) for i in range(request.batch)]
+        out = [dict(prompt=request.prompt[i // n], negative_prompt=request.negative_prompt[i // n],
+                    seed=seeds[i], **common) for i in range(request.batch)]
+        if request.subseed_strength and request.subseed is not None:  # A1111's field names
+            for i, params in enumerate(out):
+                params["Variation seed"] = request.subseed + i
+                params["Variation seed strength"] = request.subseed_strength
+        return out
+
+
+def _variation(request: GenerationRequest, generators, seeds: list[int]):
+    """The request's variation-seed settings for the canvas (None when off)."""
+    resize = request.seed_resize_from_h and (request.seed_resize_from_h, request.seed_resize_from_w)
+    if not (request.subseed_strength or resize):
+        return None
+    from .variation import Variation
+
+    if not isinstance(generators, list):
+        raise ValueError("variation seeds need one generator per image (give seed=, or a list)")
+    subseeds = None
+    if request.subseed_strength:
+        subseeds = [request.subseed + i for i in range(request.batch)]
+    return Variation(seeds, subseeds, float(request.subseed_strength), resize or None)
 
 
 def _generators(request: GenerationRequest):

@@ -53,6 +53,12 @@ PARAMETERS = {
     "return_latents": "keep the final latents in the result along with the images",
     "callback": "callback(i, total, latents) after each step; returning False stops",
     "progress": "show a progress bar",
+    "subseed": "variation seed (A1111): image i's noise is interpolated towards that of subseed + i; "
+               "None with a strength: a random one",
+    "subseed_strength": "how far towards the variation seed's noise, 0 to 1 (A1111's slerp)",
+    "seed_resize_from_h": "draw the seed's noise as for this height (pixels) and paste it centred "
+                          "(0 = off), keeping a composition when the size changes",
+    "seed_resize_from_w": "the width for seed_resize_from_h",
     "control": "ControlNet unit(s): pipelines.control.ControlUnit (model, hint image, weight, "
                "guidance start/end, control and resize mode, preprocessor); their residuals add up",
 }
@@ -87,6 +93,10 @@ class GenerationRequest:
     callback: Callable | None = None
     progress: bool = True
     control: tuple = ()  # pipelines.control.ControlUnit, normalised to a tuple
+    subseed: int | None = None
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = 0
+    seed_resize_from_w: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -120,6 +130,16 @@ class GenerationRequest:
         check_number(self.strength, "strength", 0, 1)
         check_number(self.clip_skip, "clip_skip", 0, integer=True)  # the upper bound is the model's
         check_number(self.mask_blur, "mask_blur", 0, integer=True)
+        check_number(self.subseed_strength, "subseed_strength", 0, 1)
+        if self.subseed is not None:
+            check_number(self.subseed, "subseed", 0, MAX_SEED + 1 - self.batch, integer=True)
+        for name in ("seed_resize_from_h", "seed_resize_from_w"):
+            value = getattr(self, name)
+            check_number(value, name, 0, integer=True)
+            if value % 8:
+                raise ValueError(f"{name} must be a multiple of 8, got {value}")
+        if bool(self.seed_resize_from_h) != bool(self.seed_resize_from_w):
+            raise ValueError("give both seed_resize_from_h and seed_resize_from_w, or neither")
         if self.scheduler is not None:
             schedulers.check_name(self.scheduler)
 
