@@ -442,6 +442,16 @@ async function readPng(file) {
 
 // ------------------------------------------------------------------ wiring
 function setupDrop() {
+  // A file dropped anywhere else must not make the browser leave the page to show it: an image
+  // dropped on the img2img panel becomes the init image, anywhere else it is read for parameters.
+  document.addEventListener("dragover", (e) => e.preventDefault());
+  document.addEventListener("drop", (e) => {
+    e.preventDefault();
+    const file = e.dataTransfer && e.dataTransfer.files[0];
+    if (!file) return;
+    if ($("img2img_panel").contains(e.target)) readFile(file).then(loadInitImage);
+    else if (!$("png_drop").contains(e.target)) readPng(file);
+  });
   const zone = $("png_drop");
   for (const kind of ["dragenter", "dragover"]) {
     zone.addEventListener(kind, (e) => { e.preventDefault(); zone.classList.add("over"); });

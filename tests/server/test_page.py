@@ -300,3 +300,19 @@ def test_a_refused_request_shows_the_servers_reason(page, server):
     assert page.inner_text("#status") == "failed"
     page.wait_for_selector("#generate:not([disabled])")
     assert page.locator("#gallery .result").count() == 0
+
+
+def test_an_image_dropped_on_the_img2img_panel_becomes_its_image(page, server, tmp_path):
+    page.check("#mode_img2img")
+    picture = np.zeros((48, 80, 3), np.uint8)
+    picture[:, :40] = (250, 200, 0)
+    page.evaluate("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], "photo.png", {type: "image/png"}));
+        document.getElementById("img2img_panel").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+    }""", base64.b64encode(_png(picture)).decode())
+    page.wait_for_selector("#paint[data-size='80x48']", timeout=10_000)
+    assert page.url.endswith("/")  # still the page, not the dropped file
+    assert page.input_value("#prompt") == ""  # not read as parameters
