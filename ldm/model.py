@@ -1,5 +1,6 @@
 """LatentDiffusion: UNet + autoencoder + text encoder + noise schedule, with CompVis state-dict keys
-(``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``).
+(``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``; SDXL's
+``conditioner.embedders.*`` in place of the last).
 
 The model also declares the state that other modules keep on it, each field written by one owner:
 ``source`` (:mod:`ldm.checkpoint`), ``speed`` (:mod:`ldm.speed`), ``lora`` (:mod:`ldm.lora`) and
@@ -19,6 +20,7 @@ from .lora import LoraState
 from .lora_formats import NameTable
 from .modules.attention import set_attention_backend
 from .modules.autoencoder import AutoencoderKL
+from .modules.conditioner import GeneralConditioner
 from .modules.text import build_text_encoder
 from .modules.tokenizer import tokenize
 from .modules.unet import UNetModel
@@ -77,11 +79,14 @@ class DiffusionWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 concat: torch.Tensor | None = None,
-                control: list[torch.Tensor] | None = None) -> torch.Tensor:
+                control: list[torch.Tensor] | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
         if self.conditioning_key == "hybrid":
             if concat is None:
                 raise ValueError("an inpainting model needs mask and masked-image latents (concat)")
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        if y is not None:
+            return self.diffusion_model(x, t, context, control=control, y=y)
         if control is None:
             return self.diffusion_model(x, t, context)
         return self.diffusion_model(x, t, context, control=control)
@@ -93,7 +98,10 @@ class LatentDiffusion(nn.Module):
         self.config = cfg
         self.model = DiffusionWrapper(cfg)
         self.first_stage_model = AutoencoderKL(cfg.autoencoder)
-        self.cond_stage_model = build_text_encoder(cfg.text)
+        if cfg.conditioner is not None:  # SDXL: the text towers and size embedders
+            self.conditioner = GeneralConditioner(cfg.conditioner)
+        else:
+            self.cond_stage_model = build_text_encoder(cfg.text)
         self.prediction = Prediction(cfg.parameterization)
         self.scale_factor = cfg.scale_factor
         # a plain attribute, not a buffer: model.to(float16) must not round the schedule
@@ -117,7 +125,7 @@ class LatentDiffusion(nn.Module):
 
     @property
     def text_encoder(self) -> nn.Module:
-        return self.cond_stage_model
+        return self.conditioner if self.config.is_sdxl else self.cond_stage_model
 
     def set_attention_backend(self, name: str) -> str:
         """Choose "sdpa", "xformers" or "math" for every attention layer; returns the one in use."""
@@ -130,9 +138,22 @@ class LatentDiffusion(nn.Module):
     def get_learned_conditioning(self, texts: list[str] | torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
         """The text encoder's output for prompts, or for token ids (B, max_length) already made
         (weighted and chunked prompts make their own)."""
+        if self.config.is_sdxl:
+            raise ValueError("an SDXL model is conditioned through sdxl_conditioning")
         device = next(self.cond_stage_model.parameters()).device
         ids = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         return self.cond_stage_model(ids.to(device), clip_skip=clip_skip)
+
+    def sdxl_conditioning(self, texts: list[str] | list[torch.Tensor],
+                          values: dict[str, torch.Tensor], clip_skip: int = 0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's (context, y) for prompts, or for token ids made per text tower; ``values``: the
+        size/crop/aesthetic numbers by sgm input key, (batch, n) each."""
+        cond = self.conditioner
+        if texts and isinstance(texts[0], str):
+            texts = [tokenize(t, texts) for t in cond.config.texts]
+        context, pooled = cond.encode_text(texts, clip_skip)
+        return context, cond.vector(pooled, values)
 
     # autoencoder, with SD's latent scaling
     def encode_first_stage(self, images: torch.Tensor, generator: torch.Generator | None = None,
@@ -149,7 +170,8 @@ class LatentDiffusion(nn.Module):
     # diffusion
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                     concat: torch.Tensor | None = None,
-                    control: list[torch.Tensor] | None = None) -> torch.Tensor:
+                    control: list[torch.Tensor] | None = None,
+                    y: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet's raw output (ε or v, per ``config.parameterization``).
 
         ``context`` may hold k × as many rows as ``x_t``: the batch is then evaluated under each of
@@ -159,10 +181,11 @@ class LatentDiffusion(nn.Module):
         run once for all k.
 
         ``control``: ControlNet residuals (see ``UNetModel.forward``), with one row per row of
-        ``context``."""
+        ``context``; so has ``y``, SDXL's vector conditioning (then no prefix is shared)."""
         copies = guidance_copies(x_t, context)
-        if copies > 1 and not (self.speed is not None and self.speed.shared_cfg_prefix):
+        shared = self.speed is not None and self.speed.shared_cfg_prefix and y is None
+        if copies > 1 and not shared:
             x_t = torch.cat([x_t] * copies)
             t = torch.cat([t] * copies) if t.dim() else t
             concat = None if concat is None else torch.cat([concat] * copies)
-        return self.model(x_t, t, context, concat, control)
+        return self.model(x_t, t, context, concat, control, y)

@@ -1,4 +1,5 @@
-"""OpenCLIP's text tower (SD2's text encoder; ViT-H/14's text half) in plain torch.
+"""OpenCLIP's text tower (SD2's text encoder, ViT-H/14's text half; SDXL's second, ViT-bigG/14's)
+in plain torch.
 
 Module names, construction order and forward operations follow ``open_clip.transformer`` (3.x):
 ``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` (fused ``in_proj``), open_clip's
@@ -93,6 +94,28 @@ class OpenCLIPTextTower(nn.Module):
         for block in blocks[: len(blocks) - skip]:
             x = block(x, attn_mask=mask)
         return self.ln_final(x)
+
+    def hidden_and_pooled(self, tokens: torch.Tensor, skip: int = 1,
+                          normed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's two outputs of one pass: the token states after all but the last ``skip`` blocks
+        (through ``ln_final`` only when ``normed``: sgm's non-legacy bigG skips it), and the
+        pooled projection of the final, normed state at each end token (``encode_text``)."""
+        blocks = self.transformer.resblocks
+        if not 0 <= skip <= len(blocks):
+            raise ValueError(f"cannot skip {skip} of the text encoder's {len(blocks)} blocks")
+        n = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
+        mask = self.attn_mask[:n, :n].to(x.dtype)
+        hidden = x
+        for i, block in enumerate(blocks):
+            x = block(x, attn_mask=mask)
+            if i == len(blocks) - skip - 1:
+                hidden = x
+        if normed:
+            hidden = self.ln_final(hidden)
+        last = self.ln_final(x)
+        pooled = last[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return hidden, pooled @ self.text_projection
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """open_clip's ``encode_text`` (unnormalised): the final state at each sequence's highest

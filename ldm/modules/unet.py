@@ -101,10 +101,10 @@ class ResBlock(nn.Module):
         return self._forward(x, emb)
 
 
-def spatial_transformer(cfg: UNetConfig, ch: int) -> SpatialTransformer:
+def spatial_transformer(cfg: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
     """The cross-attention transformer of a UNet level with ``ch`` channels."""
     heads, dim_head = cfg.heads_and_dim(ch)
-    return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+    return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim,
                               cfg.use_linear_in_transformer, cfg.dropout)
 
 
@@ -123,7 +123,7 @@ def build_encoder(cfg: UNetConfig) -> tuple[nn.Sequential, nn.ModuleList, Timest
             layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout)]
             ch = mult * mc
             if ds in cfg.attention_resolutions:
-                layers.append(spatial_transformer(cfg, ch))
+                layers.append(spatial_transformer(cfg, ch, cfg.depth_at(level)))
             input_blocks.append(TimestepEmbedSequential(*layers))
             skip_channels.append(ch)
         if level != len(cfg.channel_mult) - 1:
@@ -131,7 +131,7 @@ def build_encoder(cfg: UNetConfig) -> tuple[nn.Sequential, nn.ModuleList, Timest
             skip_channels.append(ch)
             ds *= 2
     middle_block = TimestepEmbedSequential(
-        ResBlock(ch, emb_dim, ch, cfg.dropout), spatial_transformer(cfg, ch),
+        ResBlock(ch, emb_dim, ch, cfg.dropout), spatial_transformer(cfg, ch, cfg.middle_depth),
         ResBlock(ch, emb_dim, ch, cfg.dropout))
     return time_embed, input_blocks, middle_block, skip_channels
 
@@ -153,6 +153,9 @@ class UNetModel(nn.Module):
         self.config = cfg
         mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
         self.time_embed, self.input_blocks, self.middle_block, skip_channels = build_encoder(cfg)
+        if cfg.adm_in_channels:  # sgm's num_classes "sequential": a vector y added to the time embedding
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
         ch, ds = skip_channels[-1], 2 ** (len(cfg.channel_mult) - 1)
 
         self.output_blocks = nn.ModuleList()
@@ -161,7 +164,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, cfg.dropout)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(spatial_transformer(cfg, ch))
+                    layers.append(spatial_transformer(cfg, ch, cfg.depth_at(level)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -180,23 +183,36 @@ class UNetModel(nn.Module):
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = enabled
 
-    def embed_time(self, timesteps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The time embedding of each sample of ``x`` (one timestep is shared by all)."""
-        return embed_time(self.time_embed, self.config.model_channels, timesteps, x)
+    def embed_time(self, timesteps: torch.Tensor, x: torch.Tensor,
+                   y: torch.Tensor | None = None) -> torch.Tensor:
+        """The time embedding of each sample of ``x`` (one timestep is shared by all), plus
+        ``label_emb(y)`` for a UNet with a vector input (SDXL)."""
+        emb = embed_time(self.time_embed, self.config.model_channels, timesteps, x)
+        if self.config.adm_in_channels:
+            if y is None or y.shape != (x.shape[0], self.config.adm_in_channels):
+                got = None if y is None else tuple(y.shape)
+                raise ValueError(f"this UNet needs a vector y of shape ({x.shape[0]}, "
+                                 f"{self.config.adm_in_channels}), got {got}")
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        return emb
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                control: list[torch.Tensor] | None = None) -> torch.Tensor:
+                control: list[torch.Tensor] | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
         """``control``: a ControlNet's residuals, one per input block then one for the middle
         block, each added to that block's output where the decoder reads it (the skip connection;
         the encoder itself runs on unchanged values), as diffusers adds
-        ``down_block_additional_residuals`` and ``mid_block_additional_residual``."""
+        ``down_block_additional_residuals`` and ``mid_block_additional_residual``. ``y``: the
+        vector conditioning of an SDXL UNet (pooled text and size embeddings), one row per sample."""
         if control is not None:
             check_control(self, control)
         if self.runner is not None:
+            if y is not None:
+                return self.runner(self, x, timesteps, context, control=control, y=y)
             if control is None:  # runners written before control residuals take four arguments
                 return self.runner(self, x, timesteps, context)
             return self.runner(self, x, timesteps, context, control=control)
-        emb = self.embed_time(timesteps, x)
+        emb = self.embed_time(timesteps, x, y)
         context = context.to(x.dtype)
         skips = []
         h = x

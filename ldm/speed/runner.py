@@ -81,11 +81,14 @@ class UNetRunner:
         self.prepack: bool | None = None  # in a run: None no packing, False reuse only, True pack
 
     def __call__(self, unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor,
-                 context: torch.Tensor, control: list[torch.Tensor] | None = None) -> torch.Tensor:
-        # a call with control residuals runs eagerly (the captured graphs take x, t and context)
-        if self.graphs is not None and control is None and not torch.compiler.is_compiling():
+                 context: torch.Tensor, control: list[torch.Tensor] | None = None,
+                 y: torch.Tensor | None = None) -> torch.Tensor:
+        # a call with control residuals or a vector y runs eagerly (the captured graphs take x, t
+        # and context)
+        if self.graphs is not None and control is None and y is None \
+                and not torch.compiler.is_compiling():
             return self.graphs(self.walk, unet, x, timesteps, context)
-        return self.walk(unet, x, timesteps, context, control)
+        return self.walk(unet, x, timesteps, context, control, y)
 
     @contextlib.contextmanager
     def prepacking(self, calls: int | None = None):
@@ -115,12 +118,18 @@ class UNetRunner:
         self.packs = weakref.WeakKeyDictionary()
 
     def walk(self, unet: UNetModel, x: torch.Tensor, timesteps: torch.Tensor,
-             context: torch.Tensor, control: list[torch.Tensor] | None = None) -> torch.Tensor:
+             context: torch.Tensor, control: list[torch.Tensor] | None = None,
+             y: torch.Tensor | None = None) -> torch.Tensor:
         """``UNetModel.forward``, with the changes of the module docstring. ``control`` residuals
         have one row per row of ``context``: a skip from the shared prefix is repeated to that
-        batch before its residual is added."""
+        batch before its residual is added. ``y`` (SDXL) has one row per row of ``context``: it
+        makes the time embedding differ per conditioning, so nothing is shared then."""
         copies = guidance_copies(x, context)
-        emb = unet.embed_time(timesteps, x)
+        if y is not None and copies > 1:
+            x = torch.cat([x] * copies)
+            timesteps = torch.cat([timesteps] * copies) if timesteps.dim() else timesteps
+            copies = 1
+        emb = unet.embed_time(timesteps, x, y)
         context = context.to(x.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

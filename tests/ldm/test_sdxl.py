@@ -1,0 +1,216 @@
+"""SDXL: configs in the sgm schema, the UNet with label_emb, the two text towers and the vector
+conditioning, against diffusers / transformers on the same random weights (converted by diffusers'
+single-file code), and full-size parameter counts on the meta device."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ldm.config import ConfigError, builtin_config, config_tree, parse_config
+from ldm.model import LatentDiffusion
+from reference.models import max_error, randomize_
+from reference.sdxl import (diffusers_sdxl_unet, diffusers_time_ids, transformers_bigg,
+                            transformers_clip_l)
+from reference.tiny import tiny_sdxl_config, tiny_sdxl_tree
+
+TOL = 1e-4
+SIZE_KEYS = ["original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"]
+REFINER_KEYS = ["original_size_as_tuple", "crop_coords_top_left", "aesthetic_score"]
+
+
+def _model(kind: str, seed: int = 0) -> LatentDiffusion:
+    torch.manual_seed(seed)
+    return randomize_(LatentDiffusion(tiny_sdxl_config(kind)), seed=seed, scale=0.5).eval()
+
+
+def _values(kind: str, batch: int = 2) -> dict[str, torch.Tensor]:
+    values = {"original_size_as_tuple": torch.tensor([[1024.0, 768.0], [512.0, 512.0]])[:batch],
+              "crop_coords_top_left": torch.tensor([[0.0, 0.0], [16.0, 48.0]])[:batch],
+              "target_size_as_tuple": torch.tensor([[1024.0, 1024.0], [768.0, 1344.0]])[:batch]}
+    if kind == "sdxl-refiner":
+        values["aesthetic_score"] = torch.tensor([[6.0], [2.5]])[:batch]
+    return values
+
+
+def _tokens(model: LatentDiffusion, texts: list[str]) -> list[torch.Tensor]:
+    from ldm.modules.tokenizer import tokenize
+
+    return [tokenize(t, texts) for t in model.config.conditioner.texts]
+
+
+# ---------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("name", ["sd_xl_base", "sd_xl_refiner", "sd_xl_inpaint"])
+def test_shipped_sgm_configs_parse_and_read_back(name):
+    cfg = builtin_config(name)
+    assert cfg.is_sdxl and cfg.scale_factor == 0.13025 and cfg.default_image_size == 1024
+    assert parse_config(json.loads(json.dumps(config_tree(cfg)))) == cfg
+    texts = cfg.conditioner.texts
+    if name == "sd_xl_refiner":
+        assert (cfg.unet.context_dim, cfg.unet.adm_in_channels, len(texts)) == (1280, 2560, 1)
+        assert cfg.unet.model_channels == 384 and cfg.unet.middle_depth == 4
+    else:
+        assert (cfg.unet.context_dim, cfg.unet.adm_in_channels, len(texts)) == (2048, 2816, 2)
+        assert cfg.unet.transformer_depth == (1, 2, 10) and cfg.unet.middle_depth == 10
+        assert texts[0].kind == "clip" and texts[0].skip_layers() == 1 and not texts[0].normed
+    big = texts[-1]
+    assert (big.width, big.layers, big.heads, big.pooled, big.normed) == (1280, 32, 20, True, False)
+    assert cfg.is_inpainting == (name == "sd_xl_inpaint")
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda p: p["network_config"]["params"].update(adm_in_channels=2000),
+     "adm_in_channels (2000) != the conditioner's vector width (2816)"),
+    (lambda p: p["network_config"]["params"].update(context_dim=[2048, 1024, 2048]),
+     "context_dim' must be one width for all levels"),
+    (lambda p: p["network_config"]["params"].update(transformer_depth=[1, 2]),
+     "transformer_depth' has 2 entries for 3 levels"),
+    (lambda p: p["conditioner_config"]["params"]["emb_models"][2].update(input_key="fps"),
+     "emb_models[2].input_key' is 'fps'"),
+    (lambda p: p["network_config"]["params"].pop("num_classes"),
+     "num_classes 'sequential' and adm_in_channels go together"),
+])
+def test_bad_sgm_configs_name_the_field(edit, fragment):
+    import yaml
+
+    from ldm.config import CONFIG_DIR
+
+    tree = yaml.safe_load((CONFIG_DIR / "sd_xl_base.yaml").read_text())
+    edit(tree["model"]["params"])
+    with pytest.raises(ConfigError) as err:
+        parse_config(tree, "x.yaml")
+    assert fragment in str(err.value)
+
+
+# ---------------------------------------------------------------- full size, meta device
+
+def _diffusers_meta_unet(name: str):
+    import yaml
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    from ldm.config import CONFIG_DIR
+
+    tree = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    with torch.device("meta"):
+        return UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(tree, {}))
+
+
+@pytest.mark.parametrize("name, unet_params", [("sd_xl_base", 2_567_463_684),
+                                               ("sd_xl_refiner", 2_259_526_660),
+                                               ("sd_xl_inpaint", 2_567_478_084)])
+def test_full_size_parameter_counts_equal_diffusers(name, unet_params):
+    with torch.device("meta"):
+        model = LatentDiffusion(builtin_config(name))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model.unet) == unet_params == count(_diffusers_meta_unet(name))
+    assert count(model.vae) == 83_653_863
+    towers = [count(t) for t in model.conditioner.text_embedders]
+    # bigG: diffusers' CLIPTextModelWithProjection plus OpenCLIP's logit_scale (one number)
+    assert towers == ([694_659_841] if name == "sd_xl_refiner" else [123_060_480, 694_659_841])
+    keys = model.state_dict()
+    assert len(keys) == (1858 if name == "sd_xl_refiner" else 2514)  # + position_ids in files: 2515
+    assert "model.diffusion_model.label_emb.0.2.weight" in keys
+    prefix = "conditioner.embedders.0." if name == "sd_xl_refiner" else "conditioner.embedders.1."
+    assert prefix + "model.text_projection" in keys
+
+
+# ---------------------------------------------------------------- parity at reduced width
+
+@pytest.mark.parametrize("kind", ["sdxl", "sdxl-refiner", "sdxl-inpaint"])
+def test_unet_equals_diffusers(kind):
+    model = _model(kind)
+    sd = model.state_dict()
+    ref = diffusers_sdxl_unet(tiny_sdxl_tree(kind), model.config, sd)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, cfg.unet.in_channels, 16, 16, generator=gen)
+    t = torch.tensor([999, 421])
+    context = torch.randn(2, 77, cfg.unet.context_dim, generator=gen)
+    pooled = torch.randn(2, 32, generator=gen)
+    values = _values(kind)
+    y = model.conditioner.vector(pooled, values)
+    assert y.shape == (2, cfg.unet.adm_in_channels)
+    with torch.no_grad():
+        ours = model.unet(x, t, context, y=y)
+        keys = REFINER_KEYS if kind == "sdxl-refiner" else SIZE_KEYS
+        theirs = ref(x, t, encoder_hidden_states=context, added_cond_kwargs={
+            "text_embeds": pooled, "time_ids": diffusers_time_ids(values, keys)}).sample
+    err, scale = max_error(ours, theirs)
+    assert err <= TOL * max(1.0, scale), (err, scale)
+    # y matters: another size changes the output
+    with torch.no_grad():
+        other = model.unet(x, t, context, y=model.conditioner.vector(pooled, _values(kind, 2) | {
+            "target_size_as_tuple": torch.tensor([[512.0, 512.0], [512.0, 512.0]])}))
+    assert kind == "sdxl-refiner" or (other - ours).abs().max() > 1e-3
+
+
+def test_unet_without_y_is_refused():
+    model = _model("sdxl")
+    with pytest.raises(ValueError, match="needs a vector y of shape"):
+        model.unet(torch.zeros(1, 4, 8, 8), torch.tensor([1]), torch.zeros(1, 77, 64))
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sdxl-refiner"])
+def test_text_towers_equal_transformers(kind):
+    model = _model(kind, seed=3)
+    sd = model.state_dict()
+    texts = ["a photo of a cat", "two red squares and a blue circle, long " * 3]
+    tokens = _tokens(model, texts)
+    cfg = model.config.conditioner
+    with torch.no_grad():
+        context, pooled = model.conditioner.encode_text(tokens)
+        states = []
+        if kind == "sdxl":
+            clip_l = transformers_clip_l(cfg.texts[0], sd)
+            states.append(clip_l(tokens[0], output_hidden_states=True).hidden_states[-2])
+        big = transformers_bigg(cfg.texts[-1], sd, index=len(cfg.texts) - 1)
+        out = big(tokens[-1], output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        reference = torch.cat(states, dim=-1)
+    assert context.shape == (2, 77, model.config.unet.context_dim)
+    for ours, theirs in ((context, reference), (pooled, out.text_embeds)):
+        err, scale = max_error(ours, theirs)
+        assert err <= TOL * max(1.0, scale), (err, scale)
+    # clip skip: one block earlier in every tower, as diffusers' hidden_states[-(clip_skip + 2)]
+    with torch.no_grad():
+        skipped, _ = model.conditioner.encode_text(tokens, clip_skip=1)
+        ref_skip = [big(tokens[-1], output_hidden_states=True).hidden_states[-3]]
+        if kind == "sdxl":
+            ref_skip.insert(0, clip_l(tokens[0], output_hidden_states=True).hidden_states[-3])
+    err, scale = max_error(skipped, torch.cat(ref_skip, dim=-1))
+    assert err <= TOL * max(1.0, scale)
+
+
+def test_bigg_pooled_equals_open_clip_encode_text():
+    """The pooled output is open_clip's ``encode_text``: ln_final of the last state at the end
+    token, times text_projection (the same tower's own method, run separately)."""
+    model = _model("sdxl", seed=5)
+    tokens = _tokens(model, ["a cat", ""])
+    tower = model.conditioner.embedders[1].model
+    with torch.no_grad():
+        _, pooled = model.conditioner.encode_text(tokens)
+        err, scale = max_error(pooled, tower.encode_text(tokens[1]))
+    assert err <= 1e-6 * max(1.0, scale)
+
+
+def test_size_embedding_is_sgm_fourier_features():
+    from ldm.modules.unet import timestep_embedding
+
+    model = _model("sdxl")
+    values = _values("sdxl", 1)
+    y = model.conditioner.vector(torch.zeros(1, 32), values)
+    numbers = torch.cat([values[k] for k in SIZE_KEYS], dim=1).flatten()
+    expected = torch.cat([torch.zeros(1, 32), timestep_embedding(numbers, 8).reshape(1, -1)], dim=1)
+    assert torch.equal(y, expected)
+
+
+def test_model_conditioning_from_prompts():
+    model = _model("sdxl")
+    with torch.no_grad():
+        context, y = model.sdxl_conditioning(["a cat", "a dog"], _values("sdxl"))
+    assert context.shape == (2, 77, 64) and y.shape == (2, 80)
+    with pytest.raises(ValueError, match="sdxl_conditioning"):
+        model.get_learned_conditioning(["a cat"])
