@@ -206,6 +206,8 @@ def resolve_config(config, path: Path, sd, prediction=None) -> tuple[ModelConfig
     if embedded is not None:
         return embedded, f"the file's own config ({CONFIG_METADATA_KEY} metadata)", detection
     base = builtin_config(detection.config_name)
+    if base.is_sdxl:  # no shape inference for SDXL yet: other widths need a config
+        return base, f"built-in config {detection.config_name} (detected {detection.family})", detection
     # the architecture from the tensor shapes; a file of the family's standard size keeps the
     # built-in config itself
     inferred, _ = infer_config(sd, base, path=path)

@@ -2,7 +2,8 @@
 
 The shape rules follow ComfyUI's model detection: the cross-attention context width (768 for SD1's
 CLIP ViT-L, 1024 for SD2's OpenCLIP ViT-H), a 2-D ``proj_in`` (SD2's linear projection instead of a
-1×1 conv), and 9 UNet input channels (latents + mask + masked-image latents: inpainting). Whether an
+1×1 conv), and 9 UNet input channels (latents + mask + masked-image latents: inpainting); SDXL by
+its generative-models keys, context width 2048 / 1280 and label_emb width (base / refiner). Whether an
 SD2 model predicts v (Salimans & Ho 2022) cannot be read from shapes; it comes from, in order, an
 explicit ``prediction`` argument, the sidecar YAML next to the file, a ``v_pred`` marker key, or the
 weight-statistics heuristic ComfyUI documents. Every decision is recorded so it can be shown.
@@ -20,7 +21,7 @@ from .weights_io import CheckpointError
 
 @dataclass(frozen=True)
 class Detection:
-    family: str  # "sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint"
+    family: str  # "sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sdxl", "sdxl-refiner", "sdxl-inpaint"
     config_name: str  # stem of the built-in config in configs/
     rules: tuple[str, ...]  # the rules that fired, in the order they were applied
 
@@ -35,6 +36,9 @@ CONFIG_FOR_FAMILY = {
     "sd2": "v2-inference",
     "sd2-v": "v2-inference-v",
     "sd2-inpaint": "v2-inpainting-inference",
+    "sdxl": "sd_xl_base",
+    "sdxl-refiner": "sd_xl_refiner",
+    "sdxl-inpaint": "sd_xl_inpaint",
 }
 
 UNET = "model.diffusion_model."
@@ -119,6 +123,57 @@ def _v_prediction(sd: Mapping[str, torch.Tensor], path, prediction: str | None,
     return False
 
 
+ADM_KEY = UNET + "label_emb.0.0.weight"
+SDXL_CONTEXT = {2048: "sdxl", 1280: "sdxl-refiner"}  # CLIP-L 768 + bigG 1280, or bigG alone
+SDXL_ADM = {2816: "sdxl", 2560: "sdxl-refiner"}  # pooled 1280 + 6 or 5 Fourier features of 256
+SDXL_TEXT = {"conditioner.embedders.0.transformer.": ("sdxl", "CLIP-L first, then bigG (base)"),
+             "conditioner.embedders.0.model.": ("sdxl-refiner", "bigG alone (refiner)")}
+
+
+def _detect_sdxl(sd: Mapping[str, torch.Tensor], where: str, prediction: str | None) -> Detection:
+    """SDXL base, refiner or inpainting: generative-models' layout (conditioner.embedders.*,
+    label_emb). Full-size widths decide; at other widths the text encoder keys do."""
+    if any(k.startswith("cond_stage_model.") for k in sd):
+        raise CheckpointError(f"{where}: inconsistent layout: SDXL keys (conditioner.embedders.* / "
+                              "label_emb) beside an SD1/SD2 text encoder (cond_stage_model.*)")
+    rules = ["conditioner.embedders.* / label_emb keys -> SDXL (generative-models layout)"]
+    votes = []
+    to_k = next((k for k in sd if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
+    if to_k is not None:
+        dim = sd[to_k].shape[1]
+        if dim in SDXL_CONTEXT:
+            votes.append((SDXL_CONTEXT[dim], f"context dim {dim} (attn2.to_k in_features) -> "
+                                             f"{SDXL_CONTEXT[dim]}"))
+        else:
+            rules.append(f"context dim {dim} is not a full-size SDXL width -> decided by other keys")
+    if ADM_KEY in sd and sd[ADM_KEY].shape[1] in SDXL_ADM:
+        adm = sd[ADM_KEY].shape[1]
+        votes.append((SDXL_ADM[adm], f"label_emb takes {adm} inputs -> {SDXL_ADM[adm]}"))
+    for prefix, (family, what) in SDXL_TEXT.items():
+        if any(k.startswith(prefix) for k in sd):
+            votes.append((family, f"text encoder keys {prefix}* -> {what}"))
+    if not votes:
+        raise CheckpointError(f"{where}: an SDXL-style checkpoint without the context width, "
+                              "label_emb or text encoder keys that tell base from refiner")
+    base = votes[0][0]
+    for family, rule in votes[1:]:
+        if family != base:
+            raise CheckpointError(f"{where}: inconsistent SDXL layout: '{votes[0][1]}' but '{rule}'")
+    rules.extend(rule for _, rule in votes)
+    if INPUT_KEY not in sd:
+        raise CheckpointError(f"{where}: missing {INPUT_KEY}; not a complete SDXL UNet")
+    channels = sd[INPUT_KEY].shape[1]
+    if channels == 9 and base == "sdxl":
+        rules.append("input_blocks.0.0.weight has 9 input channels -> inpainting")
+        base = "sdxl-inpaint"
+    elif channels != 4:
+        raise CheckpointError(f"{where}: the SDXL UNet takes {channels} input channels ({INPUT_KEY}); "
+                              "only 4 (and 9 for the base model's inpainting variant) are supported")
+    if prediction is not None:
+        rules.append(f"prediction override {prediction!r} does not change the {base} family")
+    return Detection(family=base, config_name=CONFIG_FOR_FAMILY[base], rules=tuple(rules))
+
+
 def detect(state_dict: Mapping[str, torch.Tensor], *, path: str | Path | None = None,
            prediction: str | None = None) -> Detection:
     """Family and built-in config of a CompVis-layout state dict; only tensor shapes are read, except
@@ -129,10 +184,8 @@ def detect(state_dict: Mapping[str, torch.Tensor], *, path: str | Path | None = 
     if not any(k.startswith(UNET) for k in state_dict):
         raise CheckpointError(f"{where}: not a Stable Diffusion checkpoint "
                               "(no model.diffusion_model.* keys)")
-    if any(k.startswith("conditioner.embedders.") for k in state_dict) or \
-            UNET + "label_emb.0.0.weight" in state_dict:
-        raise CheckpointError(f"{where}: an SDXL-style checkpoint (conditioner.embedders.* / "
-                              "label_emb keys); only SD1 and SD2 families are supported")
+    if any(k.startswith("conditioner.embedders.") for k in state_dict) or ADM_KEY in state_dict:
+        return _detect_sdxl(state_dict, where, prediction)
 
     rules: list[str] = []
     votes = _base_votes(state_dict, rules)

@@ -214,3 +214,86 @@ def test_model_conditioning_from_prompts():
     assert context.shape == (2, 77, 64) and y.shape == (2, 80)
     with pytest.raises(ValueError, match="sdxl_conditioning"):
         model.get_learned_conditioning(["a cat"])
+
+
+# ---------------------------------------------------------------- single files and detection
+
+def _meta_file_state(name: str) -> dict[str, torch.Tensor]:
+    """A full-size state dict as a generative-models file holds it (shapes only)."""
+    with torch.device("meta"):
+        model = LatentDiffusion(builtin_config(name))
+    sd = dict(model.state_dict())
+    if name != "sd_xl_refiner":  # CLIP-L files keep the position ids
+        sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = \
+            torch.empty(1, 77, dtype=torch.long, device="meta")
+    return sd
+
+
+@pytest.mark.parametrize("name, family", [("sd_xl_base", "sdxl"), ("sd_xl_refiner", "sdxl-refiner"),
+                                          ("sd_xl_inpaint", "sdxl-inpaint")])
+def test_full_size_files_are_detected(name, family):
+    from ldm.detect import detect
+
+    sd = _meta_file_state(name)
+    assert len(sd) == {"sd_xl_base": 2515, "sd_xl_refiner": 1858, "sd_xl_inpaint": 2515}[name]
+    found = detect(sd, path="x.safetensors")
+    assert (found.family, found.config_name, found.prediction) == (family, name, "eps")
+    width = 1280 if family == "sdxl-refiner" else 2048
+    assert f"context dim {width} (attn2.to_k in_features) -> {family.replace('-inpaint', '')}" in found.rules
+    assert any(r.startswith("label_emb takes") for r in found.rules)
+    assert ("input_blocks.0.0.weight has 9 input channels -> inpainting" in found.rules) == \
+        (family == "sdxl-inpaint")
+
+
+def test_inconsistent_sdxl_files_are_refused():
+    from ldm.detect import detect
+    from ldm.weights_io import CheckpointError
+
+    base = _meta_file_state("sd_xl_base")
+    refiner_text = {k.replace("embedders.1.", "embedders.0."): v for k, v in base.items()
+                    if k.startswith("conditioner.embedders.1.")}
+    mixed = {k: v for k, v in base.items() if not k.startswith("conditioner.")} | refiner_text
+    with pytest.raises(CheckpointError, match="inconsistent SDXL layout.*bigG alone"):
+        detect(mixed)
+    odd = {**base, "model.diffusion_model.input_blocks.0.0.weight":
+           torch.empty(320, 8, 3, 3, device="meta")}
+    with pytest.raises(CheckpointError, match="takes 8 input channels"):
+        detect(odd)
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sdxl-refiner"])
+def test_single_file_round_trip_loads_strictly(kind, tmp_path):
+    from ldm.checkpoint import load_model, save_checkpoint
+    from ldm.weights_io import CheckpointError
+
+    model = _model(kind, seed=7)
+    path = tmp_path / f"{kind}.safetensors"
+    save_checkpoint(model, path)
+    loaded = load_model(path)
+    assert loaded.config == model.config and loaded.source.detection.family == kind
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    values = _values(kind)
+    with torch.no_grad():
+        a = model.sdxl_conditioning(["a cat", ""], values)
+        b = loaded.sdxl_conditioning(["a cat", ""], values)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # a reduced-width file without its config: the full-size built-in config names the mismatch
+    from safetensors.torch import load_file, save_file
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(path)), str(bare))
+    with pytest.raises(CheckpointError, match="shape mismatches.*detected|detection as sdxl"):
+        load_model(bare)
+
+
+def test_ldm_info_names_the_sdxl_rules(tmp_path, capsys):
+    from cli.main import main
+
+    from ldm.checkpoint import save_checkpoint
+
+    save_checkpoint(_model("sdxl"), tmp_path / "xl.safetensors")
+    assert main(["info", str(tmp_path / "xl.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "family: sdxl" in out
+    assert "text encoder keys conditioner.embedders.0.transformer.* -> CLIP-L first, then bigG (base)" in out
+    assert "the file's own config" in out
