@@ -214,7 +214,7 @@ class Pipeline:
                 height: int | None = None, width: int | None = None, num_images: int = 1,
                 eta: float = 0.0, clip_skip: int = 0, output_type: str = "pil",
                 return_latents: bool = False, callback=None, progress: bool = True,
-                control=None, subseed: int | None = None, subseed_strength: float = 0.0,
+                control=(), subseed: int | None = None, subseed_strength: float = 0.0,
                 seed_resize_from_h: int = 0, seed_resize_from_w: int = 0) -> GenerationResult:
         """Images from text."""
         return self._generate(_request("txt2img", locals()))
@@ -226,7 +226,7 @@ class Pipeline:
                 generator=None, height: int | None = None, width: int | None = None,
                 num_images: int = 1, eta: float = 0.0, clip_skip: int = 0, output_type: str = "pil",
                 return_latents: bool = False, callback=None, progress: bool = True,
-                control=None, subseed: int | None = None, subseed_strength: float = 0.0,
+                control=(), subseed: int | None = None, subseed_strength: float = 0.0,
                 seed_resize_from_h: int = 0, seed_resize_from_w: int = 0) -> GenerationResult:
         """Redraw ``image``: ``strength`` 0 keeps it, 1 replaces it."""
         return self._generate(_request("img2img", locals()))
@@ -239,7 +239,7 @@ class Pipeline:
                 height: int | None = None, width: int | None = None, num_images: int = 1,
                 eta: float = 0.0, clip_skip: int = 0, output_type: str = "pil",
                 return_latents: bool = False, callback=None, progress: bool = True,
-                control=None, subseed: int | None = None, subseed_strength: float = 0.0,
+                control=(), subseed: int | None = None, subseed_strength: float = 0.0,
                 seed_resize_from_h: int = 0, seed_resize_from_w: int = 0) -> GenerationResult:
         """Repaint the white part of ``mask``; pixels where the (blurred) mask is black come back
         unchanged, and the result has the input image's size."""

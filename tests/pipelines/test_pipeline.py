@@ -43,9 +43,9 @@ def unet_timesteps(pipe, monkeypatch) -> list:
     seen = []
     original = pipe.model.apply_model
 
-    def spy(x, t, context, concat=None):
+    def spy(x, t, context, concat=None, control=None):
         seen.append(t[0].item())
-        return original(x, t, context, concat)
+        return original(x, t, context, concat, control)
 
     monkeypatch.setattr(pipe.model, "apply_model", spy)
     return seen
@@ -237,7 +237,8 @@ def test_guidance_scale_one_skips_the_unconditional_pass(pipe, monkeypatch):
     sizes = []  # rows of text conditioning per UNet call: [uncond, cond] doubles them
     original = pipe.model.apply_model
     monkeypatch.setattr(pipe.model, "apply_model",
-                        lambda x, t, c, concat=None: (sizes.append(c.shape[0]), original(x, t, c, concat))[1])
+                        lambda x, t, c, concat=None, control=None: (sizes.append(c.shape[0]),
+                                                                        original(x, t, c, concat, control))[1])
     pipe.txt2img("a cat", seed=1, height=16, width=16, num_inference_steps=2, guidance_scale=1.0,
                  num_images=2, progress=False)
     pipe.txt2img("a cat", seed=1, height=16, width=16, num_inference_steps=2, guidance_scale=3.0,
