@@ -297,3 +297,85 @@ def test_ldm_info_names_the_sdxl_rules(tmp_path, capsys):
     assert "family: sdxl" in out
     assert "text encoder keys conditioner.embedders.0.transformer.* -> CLIP-L first, then bigG (base)" in out
     assert "the file's own config" in out
+
+
+# ---------------------------------------------------------------- full size (-m slow)
+
+def _materialised(build):
+    """``build()`` with real, uninitialised parameters and its real buffers (position ids, masks):
+    no time spent on an initialisation that randomize_ overwrites."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        module = build()
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[name] = torch.nn.Parameter(torch.empty(p.shape), requires_grad=False)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd_xl_base", "sd_xl_refiner"])
+def test_full_size_unet_equals_diffusers(name):
+    """One 10 GB model in memory at a time: ours runs, is dropped, and diffusers' UNet is built on
+    the meta device and given the very same tensors (``assign``) after diffusers' conversion."""
+    import yaml
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm)
+
+    from ldm.config import CONFIG_DIR
+    from ldm.modules.unet import UNetModel
+
+    cfg = builtin_config(name)
+    unet = _materialised(lambda: UNetModel(cfg.unet))
+    randomize_(unet, seed=11, scale=0.5).eval()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 16, 16, generator=gen)
+    t = torch.tensor([500])
+    context = torch.randn(1, 77, cfg.unet.context_dim, generator=gen)
+    pooled = torch.randn(1, 1280, generator=gen)
+    keys = REFINER_KEYS if name == "sd_xl_refiner" else SIZE_KEYS
+    values = {k: v[:1] for k, v in _values("sdxl-refiner" if name == "sd_xl_refiner" else "sdxl").items()}
+    from ldm.modules.conditioner import GeneralConditioner
+    with torch.device("meta"):
+        cond = GeneralConditioner(cfg.conditioner)
+    y = cond.vector(pooled, values)
+    with torch.no_grad():
+        ours = unet(x, t, context, y=y)
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    del unet
+    tree = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(tree, sd))
+    ref.load_state_dict(convert_ldm_unet_checkpoint(sd, dict(ref.config)), strict=True, assign=True)
+    del sd
+    with torch.no_grad():
+        theirs = ref.eval()(x, t, encoder_hidden_states=context, added_cond_kwargs={
+            "text_embeds": pooled, "time_ids": diffusers_time_ids(values, keys)}).sample
+    err, scale = max_error(ours, theirs)
+    assert err <= TOL * max(1.0, scale), (err, scale)
+
+
+@pytest.mark.slow
+def test_full_size_text_towers_equal_transformers():
+    model_cfg = builtin_config("sd_xl_base")
+    from ldm.modules.conditioner import GeneralConditioner
+    cond = _materialised(lambda: GeneralConditioner(model_cfg.conditioner))
+    randomize_(cond, seed=13, scale=0.5).eval()
+    sd = {f"conditioner.{k}": v for k, v in cond.state_dict().items()}
+    from ldm.modules.tokenizer import tokenize
+    texts = ["a photograph of an astronaut riding a horse", ""]
+    tokens = [tokenize(t, texts) for t in model_cfg.conditioner.texts]
+    with torch.no_grad():
+        context, pooled = cond.encode_text(tokens)
+        clip_l = transformers_clip_l(model_cfg.conditioner.texts[0], sd)
+        first = clip_l(tokens[0], output_hidden_states=True).hidden_states[-2]
+        del clip_l
+        big = transformers_bigg(model_cfg.conditioner.texts[1], sd, index=1)
+        out = big(tokens[1], output_hidden_states=True)
+    for ours, theirs in ((context, torch.cat([first, out.hidden_states[-2]], -1)),
+                         (pooled, out.text_embeds)):
+        err, scale = max_error(ours, theirs)
+        assert err <= TOL * max(1.0, scale), (err, scale)
