@@ -54,10 +54,10 @@ class _Generation(BaseModel):
     negative_prompt: Annotated[str, Ours("negative_prompt")] = ""
     styles: Annotated[list[str] | None, Refuse(_set, "saved prompt styles are not available")] = None
     seed: int = -1  # -1: random; image i of the request uses seed + i
-    subseed: int = -1
-    subseed_strength: Annotated[float, Refuse(_positive, "variation seeds are not available")] = 0.0
-    seed_resize_from_h: Annotated[int, Refuse(_positive, "resizing seeds is not available")] = -1
-    seed_resize_from_w: Annotated[int, Refuse(_positive, "resizing seeds is not available")] = -1
+    subseed: int = -1  # the variation seed; -1: random (used when subseed_strength > 0)
+    subseed_strength: Annotated[float, Ours("subseed_strength"), Field(ge=0, le=1)] = 0.0
+    seed_resize_from_h: Annotated[int, Ours("seed_resize_from_h")] = -1  # on when both are > 0
+    seed_resize_from_w: Annotated[int, Ours("seed_resize_from_w")] = -1
     sampler_name: str | None = None  # with scheduler: see server.a1111.sampler_choice
     scheduler: str | None = None
     sampler_index: str = "Euler"  # deprecated: used when sampler_name is missing

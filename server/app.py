@@ -321,9 +321,13 @@ def _info_routes(app: FastAPI, server: Server) -> None:
         changes = {k: v for k, v in options.items() if k != "sd_model_checkpoint"}
         if wanted is not None:
             path = server.checkpoints.resolve(wanted, "sd_model_checkpoint")
-            server.checkpoint = path  # requests queued from now on use it
+            before, server.checkpoint = server.checkpoint, path  # requests queued from now on
             job = server.worker.submit("load", lambda pipe, control: None, path)
-            await asyncio.wrap_future(job.future)  # switched between jobs, by the worker
+            try:
+                await asyncio.wrap_future(job.future)  # switched between jobs, by the worker
+            except Exception:
+                server.checkpoint = before  # a file that does not load leaves the model as it was
+                raise
         server.options.update(changes)
         return None
 

@@ -40,6 +40,7 @@ class Plan:
     schedule: str
     checkpoint: Path
     clip_skip: int
+    subseed: int | None = None  # image i's variation seed is subseed + i, as its seed
     loras: list[tuple[Path, float, str]] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # infotext fields the request adds
     inputs: dict = field(default_factory=dict)  # image, mask (and only-masked settings)
@@ -97,8 +98,12 @@ def plan_request(server, req: Txt2ImgRequest | Img2ImgRequest, mode: str) -> Pla
     server.limits.check(width=req.width or 0, height=req.height or 0,
                         images=req.batch_size * req.n_iter, steps=req.steps)
     seed = secrets.randbelow(2**32) if req.seed is None or req.seed < 0 else req.seed
+    if not (req.seed_resize_from_h > 0 and req.seed_resize_from_w > 0):  # A1111: both, or off
+        kwargs["seed_resize_from_h"] = kwargs["seed_resize_from_w"] = 0
     plan = Plan(mode, kwargs, req.n_iter, req.batch_size, seed, sampler, schedule, checkpoint,
                 clip_skip)
+    if req.subseed_strength > 0:
+        plan.subseed = secrets.randbelow(2**32) if req.subseed < 0 else req.subseed
     prompt, tags = split_loras(req.prompt)
     if tags and not req.disable_extra_networks:
         if server.loras is None:
@@ -279,6 +284,8 @@ def make_runner(plan: Plan) -> Callable:
                 control.begin_iteration(k, plan.n_iter, plan.kwargs["num_inference_steps"])
                 kwargs = dict(plan.kwargs, seed=plan.seed + k * plan.batch_size,
                               callback=control.callback)
+                if plan.subseed is not None:
+                    kwargs["subseed"] = plan.subseed + k * plan.batch_size
                 prompt = kwargs.pop("prompt")
                 if plan.mode == "txt2img":
                     result = pipe.txt2img(prompt, **kwargs)

@@ -55,7 +55,7 @@ def test_sampler_and_schedule_names_as_a1111_reads_them(sampler, scheduler, ours
 
 
 @pytest.mark.parametrize("body, field", [
-    ({"enable_hr": True}, "enable_hr"), ({"subseed_strength": 0.5}, "subseed_strength"),
+    ({"enable_hr": True}, "enable_hr"), ({"subseed_strength": 1.5}, "subseed_strength"),
     ({"restore_faces": True}, "restore_faces"), ({"tiling": True}, "tiling"),
     ({"styles": ["x"]}, "styles"), ({"s_churn": 1}, "s_churn"),
     ({"sampler_name": "Euler", "scheduler": "Karras"}, "scheduler"),
@@ -66,7 +66,25 @@ def test_what_would_change_the_image_and_cannot_be_honoured_is_refused(client, b
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, **body})
     assert r.status_code == 422, r.text
     err = r.json()
-    assert set(err) == {"error", "detail", "body", "errors"} and field in err["detail"]
+    assert set(err) == {"error", "detail", "body", "errors"} and field in err["errors"]
+
+
+def test_variation_seeds_and_seed_resize(client, pipe):
+    r = _txt2img(client, n_iter=2, subseed=100, subseed_strength=0.3, seed_resize_from_w=32,
+                 seed_resize_from_h=48)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["all_subseeds"] == [100, 101] and info["subseed_strength"] == 0.3
+    for k, image in enumerate(r.json()["images"]):
+        ref = pipe.txt2img(PROMPT, seed=7 + k, subseed=100 + k, subseed_strength=0.3,
+                           seed_resize_from_w=32, seed_resize_from_h=48, num_inference_steps=STEPS,
+                           guidance_scale=5, scheduler="dpmpp_2m_karras", width=64, height=64,
+                           progress=False)
+        assert same(unb64(image), ref.images[0])
+        assert "Variation seed strength: 0.3" in unb64(image).info["parameters"]
+    # one side alone is off, as in A1111 (webuiapi sends 0 for both)
+    assert same(unb64(_txt2img(client, seed_resize_from_w=32).json()["images"][0]),
+                unb64(_txt2img(client).json()["images"][0]))
 
 
 def test_what_clients_send_by_default_is_accepted(client):

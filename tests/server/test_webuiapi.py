@@ -98,3 +98,21 @@ def test_interrupting_a_long_run(api):
     assert wait_until(lambda: api.get_progress()["state"]["job_count"] == 0, timeout=10)
     # the next request is not interrupted
     assert len(api.txt2img(prompt=PROMPT, seed=2, width=64, height=64, steps=2).images) == 1
+
+
+def test_skip_moves_on_to_the_next_batch(api):
+    answers = {}
+
+    def run():
+        answers["result"] = api.txt2img(prompt=PROMPT, seed=4, width=64, height=64, steps=150,
+                                        n_iter=2)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_until(lambda: api.get_progress()["state"]["sampling_step"] >= 2)
+    api.skip()
+    progress = wait_until(lambda: (p := api.get_progress())["state"]["job_no"] == 1 and p)
+    assert progress["state"]["job_count"] == 2 and progress["progress"] >= 0.5
+    api.interrupt()
+    thread.join(120)
+    assert answers["result"].info["all_seeds"] == [4, 5]  # both batches answered
