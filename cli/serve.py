@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     m.add_argument("--models-dir", metavar="DIR", help="checkpoints clients may switch to")
     m.add_argument("--lora-dir", metavar="DIR", help="LoRAs for <lora:name:weight> in prompts")
     m.add_argument("--controlnet-dir", metavar="DIR", help="ControlNets for ControlNet units")
+    m.add_argument("--embeddings-dir", metavar="DIR", help="textual inversions prompts may name "
+                   "(default: embeddings/ beside the checkpoint)")
     m.add_argument("--device", metavar="D[,D...]",
                    help="cpu, cuda, cuda:1, ...; several: one worker each (default: cuda if available)")
     m.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on CUDA, fp32 on CPU")
@@ -59,7 +61,7 @@ def _config(args):
         parse_credentials(args.api_auth)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    for name in ("models_dir", "lora_dir", "controlnet_dir"):
+    for name in ("models_dir", "lora_dir", "controlnet_dir", "embeddings_dir"):
         folder = getattr(args, name)
         if folder is not None:
             from pathlib import Path
@@ -71,6 +73,7 @@ def _config(args):
                     max_images=args.max_images, max_steps=args.max_steps)
     return ServerConfig(checkpoint=args.checkpoint, models_dir=args.models_dir,
                         lora_dir=args.lora_dir, controlnet_dir=args.controlnet_dir,
+                        embeddings_dir=args.embeddings_dir,
                         api_auth=args.api_auth, max_queue=args.max_queue, devices=devices,
                         dtype=args.dtype, cors_allow_origins=origins, limits=limits)
 

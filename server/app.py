@@ -39,6 +39,7 @@ class ServerConfig:
     models_dir: str | None = None
     lora_dir: str | None = None
     controlnet_dir: str | None = None
+    embeddings_dir: str | None = None  # None: the pipeline's own (embeddings/ beside the checkpoint)
     api_auth: str | None = None  # USER:PASS[,USER:PASS...]
     max_queue: int = 0  # 0: unlimited
     devices: list = field(default_factory=lambda: [None])
@@ -48,13 +49,16 @@ class ServerConfig:
     static_dir: Path = STATIC
 
 
-def load_pipeline(dtype):
+def load_pipeline(dtype, embeddings_dir=None):
     """The worker's loader: a checkpoint on a device (the shipped file with its own config)."""
     def load(checkpoint: Path, device):
         from pipelines.pipeline import DEFAULT_CHECKPOINT, Pipeline
 
         path = None if checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve() else checkpoint
-        return Pipeline.from_checkpoint(path, device=device, dtype=dtype)
+        pipe = Pipeline.from_checkpoint(path, device=device, dtype=dtype)
+        if embeddings_dir:
+            pipe.embeddings_dir = Path(embeddings_dir)
+        return pipe
     return load
 
 
@@ -77,7 +81,8 @@ class Server:
                             if config.controlnet_dir else None)
         self.options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png",
                                         "eta_ddim": 0.0, "eta_ancestral": 1.0}
-        self.worker = Worker(loader or load_pipeline(config.dtype), list(config.devices),
+        self.worker = Worker(loader or load_pipeline(config.dtype, config.embeddings_dir),
+                             list(config.devices),
                              config.max_queue)
         self.previews: dict = {}
 
@@ -90,6 +95,26 @@ class Server:
     def start(self) -> None:
         self.worker.start()
         self.worker.submit("load", lambda pipe, control: None, self.checkpoint)  # load now
+
+    def embedding_list(self) -> dict:
+        """A1111's /embeddings: the textual-inversion files prompts may name, by word; those made
+        for another text-encoder width are "skipped"."""
+        from ldm.embeddings import find_embeddings, load_embedding
+
+        pipe = self.worker.pipeline(0)
+        folder = self.config.embeddings_dir or (pipe.embeddings_dir if pipe else None)
+        out: dict = {"loaded": {}, "skipped": {}}
+        text = getattr(pipe.model.config, "text", None) if pipe is not None else None
+        width = getattr(text, "width", None)
+        for word, path in (find_embeddings(folder) if folder else {}).items():
+            try:
+                emb = load_embedding(path)
+            except Exception:  # unreadable: not offered
+                continue
+            entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                     "shape": emb.width, "vectors": int(emb.vectors.shape[0])}
+            out["loaded" if width in (None, emb.width) else "skipped"][word] = entry
+        return out
 
     def model_list(self) -> list[dict]:
         from ldm.weights_io import file_hash
@@ -363,7 +388,7 @@ def _info_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings():
-        return {"loaded": {}, "skipped": {}}
+        return await run_in_threadpool(server.embedding_list)
 
     @app.post("/sdapi/v1/refresh-embeddings")
     async def refresh_embeddings():

@@ -49,7 +49,7 @@ def square_mask(size=64, box=(20, 20, 44, 44)) -> Image.Image:
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """models/ (tiny-shapes.safetensors is the default; other.safetensors a copy), loras/mine,
-    controlnets/edges."""
+    controlnets/edges, embeddings/shiny (and wide, made for a wider text encoder)."""
     from ldm import lora as L
     from ldm.controlnet_config import ControlNetConfig
     from ldm.modules.controlnet import ControlNet
@@ -69,6 +69,11 @@ def assets(tmp_path_factory):
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     L.save_lora(model, root / "loras" / "mine.safetensors", "mine")
+    from ldm.embeddings import save_embedding
+
+    (root / "embeddings").mkdir()
+    save_embedding(root / "embeddings" / "shiny.safetensors", "shiny", torch.randn(2, 128, generator=g))
+    save_embedding(root / "embeddings" / "wide.safetensors", "wide", torch.randn(1, 768, generator=g))
     net = randomize_(ControlNet(ControlNetConfig.from_unet(model.config.unet)), seed=3, scale=0.5)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()},
               root / "controlnets" / "edges.safetensors")
@@ -89,7 +94,8 @@ def config(assets, **kw):
     from server.app import ServerConfig
 
     return ServerConfig(models_dir=str(assets / "models"), lora_dir=str(assets / "loras"),
-                        controlnet_dir=str(assets / "controlnets"), **kw)
+                        controlnet_dir=str(assets / "controlnets"),
+                        embeddings_dir=str(assets / "embeddings"), **kw)
 
 
 @pytest.fixture(scope="module")

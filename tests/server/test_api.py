@@ -150,6 +150,20 @@ def test_lora_tags_in_the_prompt(client, pipe, assets):
     assert [x["name"] for x in client.get("/sdapi/v1/loras").json()] == ["mine"]
 
 
+def test_textual_inversion_words_in_the_prompt(client, pipe, assets):
+    r = _txt2img(client, prompt=f"a shiny {PROMPT}")
+    assert r.status_code == 200, r.text
+    pipe.embeddings_dir = assets / "embeddings"
+    try:
+        ref = pipe.txt2img(f"a shiny {PROMPT}", seed=7, num_inference_steps=STEPS, guidance_scale=5,
+                           scheduler="dpmpp_2m_karras", width=64, height=64, progress=False)
+    finally:
+        pipe.embeddings_dir, pipe.embeddings = None, {}
+    assert same(unb64(r.json()["images"][0]), ref.images[0])
+    assert not same(unb64(r.json()["images"][0]),
+                    unb64(_txt2img(client, prompt=f"a plain {PROMPT}").json()["images"][0]))
+
+
 def test_controlnet_units(client, pipe, assets):
     from pipelines.control import ControlUnit
 
@@ -176,7 +190,8 @@ def test_lists(client):
     models = client.get("/sdapi/v1/sd-models").json()
     assert {m["model_name"] for m in models} == {"tiny-shapes", "other"}
     assert all(m["title"] == f"{m['filename']} [{m['hash']}]" for m in models)
-    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    embeddings = client.get("/sdapi/v1/embeddings").json()
+    assert embeddings["loaded"]["shiny"]["vectors"] == 2 and list(embeddings["skipped"]) == ["wide"]
     assert client.post("/sdapi/v1/refresh-loras").status_code == 200
     options = client.get("/sdapi/v1/options").json()
     assert options["sd_model_checkpoint"].startswith("tiny-shapes.safetensors [")
