@@ -261,7 +261,7 @@ class Pipeline:
 
         # 3. prompts → conditioning; one UNet call per step on the batch [uncond, cond]
         guidance = Guidance(float(request.guidance_scale), float(request.guidance_rescale))
-        context = self._text_context(request, guidance)
+        context, vector = self._text_context(request, guidance)
         control = self._control(request, len(schedule.timesteps))
 
         # 4. initial latents (random draws in diffusers' order), per mode
@@ -270,7 +270,7 @@ class Pipeline:
         start = INITIAL_LATENTS[request.mode](canvas, schedule, request, soft_mask)
 
         # 5. denoise
-        conditioning = dataclasses.replace(start.conditioning(context), control=control)
+        conditioning = dataclasses.replace(start.conditioning(context), control=control, y=vector)
         latents, interrupted = denoise(self.model, start.latents, schedule, conditioning,
                                        guidance, request.callback,
                                        Progress(request.progress, request.mode))
@@ -317,13 +317,22 @@ class Pipeline:
             sched.set_begin_index(begin)  # lets the scheduler skip its host-side timestep lookup
         return Schedule(sched, timesteps, step_kwargs(sched, generators, request.eta))
 
-    def _text_context(self, request: GenerationRequest, guidance: Guidance) -> torch.Tensor:
-        """The text conditioning of every image: rows [uncond, cond] with guidance, else cond."""
+    def _text_context(self, request: GenerationRequest, guidance: Guidance):
+        """The text conditioning of every image, rows [uncond, cond] with guidance, else cond; and
+        SDXL's vector conditioning in the same rows (None for SD1/SD2)."""
+        if self.model.config.is_sdxl:
+            from .sdxl import sdxl_conditioning
+
+            if self.embeddings_in(request):
+                raise ValueError("textual-inversion embeddings are not supported on SDXL models yet")
+            return sdxl_conditioning(self.model, request.prompt, request.negative_prompt,
+                                     request.clip_skip, request.num_images, request.height,
+                                     request.width, guidance.enabled, self.dtype)
         cond, uncond = encode_prompts(self.model, request.prompt, request.negative_prompt,
                                       request.clip_skip, self.embeddings_in(request))
         cond = cond.repeat_interleave(request.num_images, 0).to(self.dtype)
         uncond = uncond.repeat_interleave(request.num_images, 0).to(self.dtype)
-        return torch.cat([uncond, cond]) if guidance.enabled else cond
+        return (torch.cat([uncond, cond]) if guidance.enabled else cond), None
 
     def _control(self, request: GenerationRequest, steps: int):
         """The ControlNet units' stack for this generation (None without units): models loaded,

@@ -114,12 +114,14 @@ class Conditioning:
     """What the denoiser is conditioned on: the text (with guidance the rows [uncond, cond] for
     latents given once), an inpainting model's extra input channels (mask and masked-image
     latents), or, for inpainting with an ordinary model, the known region blended in each step;
-    ``control``: the ControlNet units (a ``pipelines.control.ControlStack``)."""
+    ``control``: the ControlNet units (a ``pipelines.control.ControlStack``); ``y``: SDXL's vector
+    conditioning, in the rows of ``context``."""
 
     context: torch.Tensor
     concat: torch.Tensor | None = None
     known: KnownRegion | None = None
     control: object | None = None
+    y: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -152,8 +154,9 @@ def denoise(model, latents: torch.Tensor, schedule: Schedule, conditioning: Cond
             run.begin_step()
             x = scheduler.scale_model_input(latents, t).to(dtype)
             residuals = None if control is None else control.residuals(i, x, t, context)
+            extra = {} if conditioning.y is None else {"y": conditioning.y}
             out = model.apply_model(x, t.expand(x.shape[0]), context, concat=concat,
-                                    control=residuals)
+                                    control=residuals, **extra)
             latents = scheduler.step(guidance(out), t, latents, **schedule.step_kwargs,
                                      return_dict=False)[0]
             if known is not None:

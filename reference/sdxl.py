@@ -62,3 +62,43 @@ def transformers_bigg(cfg: TextEncoderConfig, state_dict: dict, index: int):
 def diffusers_time_ids(values: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
     """diffusers' ``add_time_ids``: the numbers of each sgm input key side by side."""
     return torch.cat([values[k].reshape(values[k].shape[0], -1) for k in keys], dim=1).float()
+
+
+def sdxl_pipeline(model, tree: dict, scheduler, task: str = "txt2img"):
+    """diffusers' StableDiffusionXL(Img2Img)Pipeline on CPU in fp32 holding ``model``'s weights
+    (``tree``: its sgm config); the refiner has no CLIP-L tower and no zeroed negatives."""
+    import diffusers
+
+    from reference.models import diffusers_vae
+    from reference.tokenizer import clip_tokenizer
+
+    sd = {k: v.float() for k, v in model.state_dict().items()}
+    texts = model.config.conditioner.texts
+    refiner = len(texts) == 1
+    parts = dict(vae=diffusers_vae(tree, sd), unet=diffusers_sdxl_unet(tree, model.config, sd),
+                 text_encoder_2=transformers_bigg(texts[-1], sd, index=len(texts) - 1),
+                 tokenizer_2=clip_tokenizer("!", texts[-1].max_length), scheduler=scheduler)
+    if refiner:
+        parts.update(text_encoder=None, tokenizer=None, force_zeros_for_empty_prompt=False)
+        if task == "img2img":
+            parts["requires_aesthetics_score"] = True
+    else:
+        parts.update(text_encoder=transformers_clip_l(texts[0], sd),
+                     tokenizer=clip_tokenizer("<|endoftext|>", texts[0].max_length))
+    cls = {"txt2img": diffusers.StableDiffusionXLPipeline,
+           "img2img": diffusers.StableDiffusionXLImg2ImgPipeline}[task]
+    pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_sdxl_model(kind: str = "sdxl"):
+    """A tiny SDXL model whose images depend visibly on prompt and guidance (as
+    reference.pipelines.random_model: the UNet randomised at unit scale)."""
+    from ldm.model import LatentDiffusion
+    from reference.models import randomize_
+    from reference.tiny import tiny_sdxl_config
+
+    model = randomize_(LatentDiffusion(tiny_sdxl_config(kind)), seed=1)
+    randomize_(model.model.diffusion_model, seed=2, scale=1.0)
+    return model.eval()

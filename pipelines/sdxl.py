@@ -1,0 +1,93 @@
+"""SDXL conditioning for a generation: both text towers and the vector ``y`` (Podell et al. 2023).
+
+Each text tower gets A1111's treatment of the prompt (:mod:`pipelines.prompts`: emphasis, 75-token
+chunks, BREAK), weighted and mean-restored per tower as A1111 does for SDXL; the chunks' states are
+concatenated along the tokens and the pooled vector is the first chunk's (A1111). The size ids are
+diffusers' defaults: original and target size (height, width), crop (0, 0), for both halves of
+classifier-free guidance; the refiner takes an aesthetic score instead of the target size (6.0 for
+the prompt, 2.5 for the negative, diffusers' defaults). ``force_zeros_for_empty_prompt``: an empty
+negative prompt on the base model gives zero conditioning, as diffusers does when no negative
+prompt is given (its SDXL base models ship with that switch on, the refiner with it off).
+"""
+from __future__ import annotations
+
+import torch
+
+from ldm.modules.tokenizer import EOT, SOT, tokenizer_for
+
+from .prompts import Chunk, apply_weights, chunk_ids, tokenize_prompt
+
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
+
+
+def size_values(cfg, rows: int, height: int, width: int, aesthetic: float,
+                original: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
+                target: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """The numbers each sgm vector embedder of ``cfg`` (a ConditionerConfig) reads, ``rows`` times."""
+    numbers = {"original_size_as_tuple": original or (height, width), "crop_coords_top_left": crop,
+               "target_size_as_tuple": target or (height, width), "aesthetic_score": (aesthetic,)}
+    keys = [e.input_key for e in cfg.embedders if e.text is None]
+    return {k: torch.tensor([list(map(float, numbers[k]))] * rows) for k in keys}
+
+
+def force_zeros_for_empty_prompt(cfg) -> bool:
+    """diffusers' switch: on for models with the CLIP-L tower (base, inpainting), off for the
+    refiner."""
+    return any(t.kind == "clip" for t in cfg.texts)
+
+
+def _encode(model, texts: list[str], clip_skip: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """text → (context (1, 77·k, width), pooled (1, dim)) for each distinct text, all padded to the
+    same k chunks with empty-prompt chunks (as pipelines.prompts.encode_prompts)."""
+    cond = model.conditioner
+    towers = cond.config.texts
+    tokenizer = tokenizer_for(towers[0])
+    length = towers[0].max_length
+    chunked = {t: tokenize_prompt(tokenizer, t, length - 2) for t in dict.fromkeys(texts)}
+    k = max(len(c) for c in chunked.values())
+    out = {}
+    with torch.no_grad():
+        for text, chunks in chunked.items():
+            chunks = chunks + [Chunk([], [])] * (k - len(chunks))
+            ids, weights = [], None
+            for tower in towers:
+                rows = [chunk_ids(c, tower.pad_token_id, tower.max_length, SOT, EOT) for c in chunks]
+                ids.append(torch.tensor([r[0] for r in rows]))
+                weights = torch.tensor([r[1] for r in rows])
+            states, pooled = [], None
+            for i, (embedder, tokens) in enumerate(zip(cond.text_embedders, ids)):
+                device = next(embedder.parameters()).device
+                hidden, p = embedder(tokens.to(device), clip_skip)
+                states.append(apply_weights(hidden, weights))
+                pooled = p[:1] if p is not None else pooled
+            context = torch.cat([s.to(states[-1].dtype) for s in states], dim=-1)
+            out[text] = (context.reshape(1, -1, context.shape[-1]), pooled)
+    return out
+
+
+def sdxl_conditioning(model, prompts: list[str], negatives: list[str], clip_skip: int,
+                      num_images: int, height: int, width: int, guidance: bool,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context, y) of every image: rows [uncond, cond] with guidance, else cond."""
+    cfg = model.conditioner.config
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
+    encoded = _encode(model, prompts + (negatives if guidance else []), clip_skip)
+
+    def half(texts: list[str], aesthetic: float, zeros: bool):
+        context = torch.cat([encoded[t][0] for t in texts]).repeat_interleave(num_images, 0)
+        pooled = torch.cat([encoded[t][1] for t in texts]).repeat_interleave(num_images, 0)
+        if zeros:
+            context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+        values = size_values(cfg, context.shape[0], height, width, aesthetic)
+        return context.to(dtype), model.conditioner.vector(pooled, values).to(dtype)
+
+    cond = half(prompts, AESTHETIC_SCORE, False)
+    if not guidance:
+        return cond
+    zeros = force_zeros_for_empty_prompt(cfg) and all(n == "" for n in negatives)
+    uncond = half(negatives, NEGATIVE_AESTHETIC_SCORE, zeros)
+    return torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]])

@@ -1,0 +1,106 @@
+"""SDXL generation against diffusers' StableDiffusionXLPipeline on identical random weights (tiny
+base and refiner models, converted by diffusers' single-file code): same seed, steps, guidance,
+sizes; 8-bit images within 1/255 on average."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.pipeline import Pipeline
+from reference import pipelines as dp
+from reference.sdxl import random_sdxl_model, sdxl_pipeline
+from reference.tiny import tiny_sdxl_tree
+from tests.pipelines.test_pipeline_parity import assert_close, assert_far
+
+SEED, STEPS, SIZE = 11, 4, 32
+PROMPT, NEGATIVE, OTHER = "a red circle", "blurry", "a blue square on grass"
+
+
+class Side:
+    def __init__(self, kind: str):
+        self.model = random_sdxl_model(kind)
+        self.tree = tiny_sdxl_tree(kind)
+        self.ours = Pipeline(self.model, device="cpu", model_name=f"tiny-{kind}")
+
+    def reference(self, scheduler: str, task: str = "txt2img"):
+        return sdxl_pipeline(self.model, self.tree, dp.reference_scheduler(scheduler), task)
+
+
+@pytest.fixture(scope="module")
+def sides():
+    cache: dict[str, Side] = {}
+
+    def get(kind: str) -> Side:
+        if kind not in cache:
+            cache[kind] = Side(kind)
+        return cache[kind]
+
+    return get
+
+
+# (model, scheduler, negative prompt; None: ours gets "" and diffusers None -> zeroed on the base)
+CASES = [("sdxl", "euler", NEGATIVE), ("sdxl", "ddim", None), ("sdxl", "dpmpp_2m", NEGATIVE)]
+
+
+@pytest.mark.parametrize("kind, scheduler, negative", CASES)
+def test_txt2img_matches_diffusers(sides, kind, scheduler, negative):
+    side = sides(kind)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=6.0, height=SIZE, width=SIZE)
+    ours = side.ours.txt2img(PROMPT, negative_prompt=negative or "", scheduler=scheduler, seed=SEED,
+                             progress=False, **kw)
+    ref = side.reference(scheduler)
+    theirs = ref(PROMPT, negative_prompt=negative, generator=torch.Generator("cpu").manual_seed(SEED),
+                 **kw).images[0]
+    assert ours.images[0].size == (SIZE, SIZE)
+    assert_close(ours.images[0], theirs)
+    other = side.ours.txt2img(OTHER, negative_prompt=negative or "", scheduler=scheduler, seed=SEED,
+                              progress=False, **kw)
+    assert_far(other.images[0], theirs)
+
+
+def test_empty_negative_is_zeroed_on_the_base_only():
+    from pipelines.sdxl import sdxl_conditioning
+
+    for kind, zeroed in (("sdxl", True), ("sdxl-refiner", False)):
+        model = random_sdxl_model(kind)
+        context, y = sdxl_conditioning(model, ["a cat"], [""], 0, 2, 64, 48, True, torch.float32)
+        assert context.shape[0] == y.shape[0] == 4
+        assert bool((context[:2] == 0).all()) == zeroed
+        pooled_width = model.config.conditioner.texts[-1].projection_dim
+        assert bool((y[:2, :pooled_width] == 0).all()) == zeroed
+        assert torch.equal(y[2], y[3])  # the size features of both images: (64, 48), crop (0, 0)
+
+
+def test_weighted_and_long_prompts_reach_both_towers():
+    from pipelines.sdxl import sdxl_conditioning
+
+    model = random_sdxl_model("sdxl")
+    args = (0, 1, 32, 32, False, torch.float32)
+    plain, _ = sdxl_conditioning(model, ["a red circle"], [""], *args)
+    weighted, _ = sdxl_conditioning(model, ["a (red:1.5) circle"], [""], *args)
+    assert plain.shape == weighted.shape == (1, 77, 64)
+    changed = (plain - weighted).abs().amax(dim=(0, 1))
+    assert bool((changed[:32] > 0).any()) and bool((changed[32:] > 0).any())  # CLIP-L and bigG
+    long, y = sdxl_conditioning(model, ["circle, " * 60], [""], *args)
+    assert long.shape == (1, 154, 64) and y.shape == (1, 80)
+
+
+# the refiner's aesthetic score is diffusers' img2img pipeline's (requires_aesthetics_score)
+IMG2IMG = [("sdxl", "euler", NEGATIVE), ("sdxl-refiner", "euler", NEGATIVE),
+           ("sdxl-refiner", "ddim", None)]
+
+
+@pytest.mark.parametrize("kind, scheduler, negative", IMG2IMG)
+def test_img2img_matches_diffusers(sides, kind, scheduler, negative):
+    side = sides(kind)
+    image = dp.sample_image(SIZE, SIZE)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=6.0, strength=0.75)
+    ours = side.ours.img2img(PROMPT, image, negative_prompt=negative or "", scheduler=scheduler,
+                             seed=SEED, progress=False, **kw)
+    theirs = side.reference(scheduler, "img2img")(
+        PROMPT, image=image, negative_prompt=negative,
+        generator=torch.Generator("cpu").manual_seed(SEED), **kw).images[0]
+    assert_close(ours.images[0], theirs)
+    other = side.ours.img2img(OTHER, image, negative_prompt=negative or "", scheduler=scheduler,
+                              seed=SEED, progress=False, **kw)
+    assert_far(other.images[0], theirs)
