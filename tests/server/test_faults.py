@@ -193,3 +193,18 @@ def test_sigterm_finishes_the_running_job_and_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cors_is_off_unless_asked(assets, client):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    headers = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in client.get("/sdapi/v1/samplers", headers=headers).headers
+    app = create_app(config(assets, api_auth="ann:secret", cors_allow_origins=["http://app.example"]))
+    with TestClient(app) as c:
+        r = c.options("/sdapi/v1/txt2img", headers=headers)  # a preflight carries no credentials
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        r = c.get("/sdapi/v1/samplers", headers={"Origin": "http://evil.example"}, auth=("ann", "secret"))
+        assert "access-control-allow-origin" not in r.headers
