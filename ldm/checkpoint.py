@@ -236,7 +236,12 @@ def _load_folder(path: Path, config, dtype, device, use_ema, prediction) -> Late
     if config is not None or use_ema:
         raise file_error(path, "a diffusers folder brings its own config and has no EMA weights; "
                          "config and use_ema apply to single-file checkpoints")
-    model = load_diffusers_folder(path, dtype=dtype, device=device)
+    if (path / "text_encoder_2").is_dir():  # SDXL: two text towers
+        from .diffusers_sdxl import load_sdxl_folder
+
+        model = load_sdxl_folder(path, dtype=dtype, device=device)
+    else:
+        model = load_diffusers_folder(path, dtype=dtype, device=device)
     if prediction is not None and prediction != model.config.parameterization:
         cfg = _with_prediction(model.config, prediction)
         model.config = cfg

@@ -80,6 +80,8 @@ def _apply_anchors(root: nn.Module, anchors: Anchors) -> dict[str, str]:
 def _unet_anchors(unet: UNetModel) -> Anchors:
     anchors: Anchors = {"time_embed": ("time_embedding", _TIME_EMBED), "out": ("", _UNET_OUT),
                         "input_blocks.0.0": ("conv_in", None)}
+    if hasattr(unet, "label_emb"):  # SDXL's vector input: diffusers' text_time add_embedding
+        anchors["label_emb.0"] = ("add_embedding", _TIME_EMBED)
 
     def block_layers(kind: str, level: int, index: int, our_block: str, block: nn.Module) -> bool:
         """Anchor the layers of one TimestepEmbedSequential; True when it closes the level."""

@@ -3,6 +3,7 @@ conditioning, against diffusers / transformers on the same random weights (conve
 single-file code), and full-size parameter counts on the meta device."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -379,3 +380,46 @@ def test_full_size_text_towers_equal_transformers():
                          (pooled, out.text_embeds)):
         err, scale = max_error(ours, theirs)
         assert err <= TOL * max(1.0, scale), (err, scale)
+
+
+# ---------------------------------------------------------------- diffusers folders
+
+@pytest.mark.parametrize("kind", ["sdxl", "sdxl-refiner"])
+def test_diffusers_folder_loads_to_the_same_model(kind, tmp_path):
+    from ldm.checkpoint import load_model
+    from reference.pipelines import reference_scheduler
+    from reference.sdxl import sdxl_pipeline
+
+    model = _model(kind, seed=9)
+    task = "img2img" if kind == "sdxl-refiner" else "txt2img"
+    sdxl_pipeline(model, tiny_sdxl_tree(kind), reference_scheduler("euler"), task).save_pretrained(
+        tmp_path / "folder")
+    loaded = load_model(tmp_path / "folder")
+    assert loaded.config.conditioner == model.config.conditioner
+    a, b = loaded.config.unet, model.config.unet
+    # one attention width: "4 heads" and "heads of 16" are the same layers
+    assert a.heads_and_dim(64) == b.heads_and_dim(64)
+    assert dataclasses.replace(a, num_heads=b.num_heads, num_head_channels=b.num_head_channels) == b
+    assert loaded.config.scale_factor == model.config.scale_factor
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k, v in ours.items():
+        if not k.endswith("logit_scale"):  # not in diffusers folders
+            assert torch.equal(theirs[k], v), k
+
+
+def test_diffusers_folder_with_a_wrong_vector_width_is_refused(tmp_path):
+    import json
+
+    from ldm.diffusers_folder import DiffusersFolderError
+    from ldm.diffusers_sdxl import sdxl_folder_config
+    from reference.pipelines import reference_scheduler
+    from reference.sdxl import sdxl_pipeline
+
+    model = _model("sdxl")
+    sdxl_pipeline(model, tiny_sdxl_tree("sdxl"), reference_scheduler("euler")).save_pretrained(tmp_path)
+    path = tmp_path / "unet" / "config.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "projection_class_embeddings_input_dim": 81}))
+    with pytest.raises(DiffusersFolderError, match="is not the pooled width 32 plus 5 or 6"):
+        sdxl_folder_config(tmp_path)
