@@ -340,8 +340,7 @@ def _info_routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/sdapi/v1/options")
     async def set_options(options: dict[str, Any]):
-        if "CLIP_stop_at_last_layers" in options:
-            jobs._clip_skip(options["CLIP_stop_at_last_layers"])
+        jobs.check_settings(options)
         wanted = options.get("sd_model_checkpoint")
         changes = {k: v for k, v in options.items() if k != "sd_model_checkpoint"}
         if wanted is not None:

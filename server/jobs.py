@@ -80,14 +80,18 @@ def plan_request(server, req: Txt2ImgRequest | Img2ImgRequest, mode: str) -> Pla
     refused = refused_field(req)
     if refused:
         raise Refused(422, f"{refused[0]}: {refused[1]}")
+    override = req.override_settings or {}
+    check_settings(override, "override_settings.")
+    settings = {**server.options, **override}
     try:
         sampler, schedule, ours = a1111.sampler_choice(req.sampler_name or req.sampler_index,
                                                        req.scheduler)
-        eta = a1111.pipeline_eta(sampler, req.eta)
+        eta = req.eta  # unset: the options' eta for DDIM / ancestral samplers, as in A1111
+        if eta is None:
+            eta = settings.get("eta_ddim" if sampler == "DDIM" else "eta_ancestral")
+        eta = a1111.pipeline_eta(sampler, eta)
     except a1111.Unsupported as exc:
         raise Refused(422, str(exc)) from None
-    override = req.override_settings or {}
-    settings = {**server.options, **override}
     checkpoint = server.checkpoint  # the model switched by POST /options when the job was queued
     if "sd_model_checkpoint" in override:
         checkpoint = server.checkpoints.resolve(override["sd_model_checkpoint"],
@@ -117,6 +121,16 @@ def plan_request(server, req: Txt2ImgRequest | Img2ImgRequest, mode: str) -> Pla
     if mode == "img2img":
         _plan_img2img(server, req, plan)
     return plan
+
+
+def check_settings(settings: dict, where: str = "") -> None:
+    """Options that would change images in ways not available here (others are kept, unused)."""
+    if "CLIP_stop_at_last_layers" in settings:
+        _clip_skip(settings["CLIP_stop_at_last_layers"])
+    if settings.get("sd_vae") not in (None, "Automatic", "None"):
+        raise Refused(422, f"{where}sd_vae: a separate VAE is not available; use \"Automatic\"")
+    if settings.get("eta_noise_seed_delta") not in (None, 0):
+        raise Refused(422, f"{where}eta_noise_seed_delta: only 0 is available")
 
 
 def _clip_skip(value) -> int:

@@ -215,6 +215,26 @@ def test_options_clip_skip_is_checked_against_the_model(client):
     assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 0}).status_code == 422
 
 
+def test_options_that_would_change_images_are_checked(client):
+    for body in ({"sd_vae": "other.vae.pt"}, {"eta_noise_seed_delta": 31337}):
+        r = client.post("/sdapi/v1/options", json=body)
+        assert r.status_code == 422 and list(body)[0] in r.json()["detail"]
+        r = _txt2img(client, override_settings=body)
+        assert r.status_code == 422 and f"override_settings.{list(body)[0]}" in r.json()["detail"]
+    assert client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"}).status_code == 200
+
+
+def test_eta_of_ddim_comes_from_the_options_when_unset(client, pipe):
+    assert client.post("/sdapi/v1/options", json={"eta_ddim": 0.5}).status_code == 200
+    try:
+        r = _txt2img(client, sampler_name="DDIM")
+    finally:
+        client.post("/sdapi/v1/options", json={"eta_ddim": 0.0})
+    ref = pipe.txt2img(PROMPT, seed=7, num_inference_steps=STEPS, guidance_scale=5,
+                       scheduler="ddim", eta=0.5, width=64, height=64, progress=False)
+    assert same(unb64(r.json()["images"][0]), ref.images[0])
+
+
 def test_the_page_is_served(client):
     r = client.get("/")
     assert r.status_code == 200 and "<html" in r.text.lower()
