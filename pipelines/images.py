@@ -303,5 +303,6 @@ def parse_parameters(text: str) -> dict[str, Any]:
             out["Schedule type"] = raw["Schedule type"]
     if pairs:
         out["mode"] = ("inpaint" if "mask_blur" in out else
-                       "img2img" if "strength" in out and "Hires upscale" not in out else "txt2img")
+                       "img2img" if "strength" in out and not any(k.startswith("Hires") for k in out)
+                       else "txt2img")
     return out

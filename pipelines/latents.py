@@ -138,9 +138,16 @@ def txt2img_latents(canvas: Canvas, schedule: Schedule, request: GenerationReque
 
 def img2img_latents(canvas: Canvas, schedule: Schedule, request: GenerationRequest,
                     soft_mask: Image.Image | None = None) -> Start:
-    """The image's latents noised to the first timestep that runs (diffusers' strength rule)."""
-    pixels = pre.image_to_tensor(request.image, canvas.height, canvas.width)
-    init = encode_image(canvas, pixels)
+    """The image's latents noised to the first timestep that runs (diffusers' strength rule).
+    Latents given as the image are used as they are (no posterior sample is drawn)."""
+    if isinstance(request.image, torch.Tensor):
+        init = request.image.to(canvas.device, canvas.dtype)
+        if init.shape[0] not in (1, canvas.batch):
+            raise ValueError(f"{init.shape[0]} image latents for {canvas.batch} images")
+        init = init.expand(canvas.batch, -1, -1, -1)
+    else:
+        pixels = pre.image_to_tensor(request.image, canvas.height, canvas.width)
+        init = encode_image(canvas, pixels)
     latents = schedule.noised(init, canvas.noise())
     if canvas.model.config.is_inpainting:
         return Start(latents, concat=whole_image_condition(canvas))

@@ -215,7 +215,8 @@ class Pipeline:
                 eta: float = 0.0, clip_skip: int = 0, output_type: str = "pil",
                 return_latents: bool = False, callback=None, progress: bool = True,
                 control=(), subseed: int | None = None, subseed_strength: float = 0.0,
-                seed_resize_from_h: int = 0, seed_resize_from_w: int = 0) -> GenerationResult:
+                seed_resize_from_h: int = 0, seed_resize_from_w: int = 0,
+                hires=None) -> GenerationResult:
         """Images from text."""
         return self._generate(_request("txt2img", locals()))
 
@@ -249,6 +250,10 @@ class Pipeline:
     @torch.inference_mode()
     def _generate(self, request: GenerationRequest) -> GenerationResult:
         """The shared flow of the three entry points (see the module docstring)."""
+        if request.hires is not None:  # two passes (pipelines.hires), each through this flow
+            from .hires import run_hires
+
+            return run_hires(self, request)
         # 1. settle the request: the model's defaults for what it leaves unset, its own limits
         request = self._settle(request)
         soft_mask = None
@@ -295,6 +300,12 @@ class Pipeline:
         if request.mode == "txt2img":
             height = cfg.default_image_size if request.height is None else request.height
             width = cfg.default_image_size if request.width is None else request.width
+        elif isinstance(request.image, torch.Tensor):  # latents: their own size, no resizing
+            f = cfg.autoencoder.downscale
+            height, width = request.image.shape[-2] * f, request.image.shape[-1] * f
+            if (request.height or height, request.width or width) != (height, width):
+                raise ValueError(f"image latents are for {width}x{height} pixels; they are not "
+                                 f"resized (got width {request.width}, height {request.height})")
         else:
             height, width = pre.target_size(request.image, request.height, request.width)
         if request.subseed_strength and request.subseed is None:  # A1111 draws one
@@ -406,6 +417,12 @@ class Pipeline:
         if path.is_file():
             return f"{path.stem} [{file_hash(path)[:8]}]"
         return path.name
+
+    def _finish_latents(self, request: GenerationRequest, result: GenerationResult) -> GenerationResult:
+        """``result`` (made with latents kept) decoded and trimmed as ``request`` asks."""
+        images = self._images(request, result.latents, None) if request.output_type == "pil" else []
+        keep = request.output_type == "latent" or request.return_latents
+        return dataclasses.replace(result, images=images, latents=result.latents if keep else None)
 
     def _images(self, request: GenerationRequest, latents: torch.Tensor, soft_mask) -> list[Image.Image]:
         # an overflow warning points past _generate and its inference-mode wrapper to the caller

@@ -30,7 +30,10 @@ PARAMETERS = {
     "prompt": "what to draw: a string, or a list of strings (one batch entry each); A1111 "
               "emphasis such as (word:1.3) and BREAK are understood",
     "image": "the starting picture (PIL); the result has its size rounded down to a multiple of 8, "
-             "except inpainting, which returns the input's own size",
+             "except inpainting, which returns the input's own size. img2img also takes latents "
+             "(a (1 or batch, 4, h, w) tensor in the model's scaled latent space), as diffusers does",
+    "hires": "txt2img: a second pass at a larger size (A1111's hires fix), a "
+             "pipelines.hires.HiresFix; None = one pass",
     "mask": "PIL image, white = repaint, black = keep; resized to the image if its size differs",
     "strength": "how much to change the image, 0 to 1: only the last int(steps·strength) "
                 "timesteps run (diffusers' rule)",
@@ -97,6 +100,7 @@ class GenerationRequest:
     subseed_strength: float = 0.0
     seed_resize_from_h: int = 0
     seed_resize_from_w: int = 0
+    hires: object | None = None  # pipelines.hires.HiresFix
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -152,7 +156,14 @@ class GenerationRequest:
                 if getattr(self, name) is not None:
                     raise ValueError(f"txt2img takes no {name}; use img2img or inpaint")
             return
-        pre.check_image(self.image)
+        if self.mode == "img2img" and isinstance(self.image, torch.Tensor):
+            if self.image.dim() != 4:  # latents, as diffusers' img2img takes them
+                raise ValueError(f"image latents must be (batch, channels, h, w), got shape "
+                                 f"{tuple(self.image.shape)}")
+        else:
+            pre.check_image(self.image)
+        if self.hires is not None and self.mode != "txt2img":
+            raise ValueError("hires (the second pass) is for txt2img only")
         if self.mode == "inpaint":
             pre.check_image(self.mask, "mask")
 
