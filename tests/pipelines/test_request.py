@@ -83,7 +83,7 @@ def test_entry_points_take_the_request_fields_with_their_defaults(mode):
         assert name in getattr(Pipeline, mode).__doc__ and name in PARAMETERS
     unused = set(fields) - set(params) - {"mode"}
     expected = {"txt2img": {"image", "strength", "mask", "mask_blur"},
-                "img2img": {"mask", "mask_blur"}, "inpaint": set()}[mode]
+                "img2img": {"mask", "mask_blur", "hires"}, "inpaint": {"hires"}}[mode]
     assert unused == expected
 
 
