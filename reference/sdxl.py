@@ -80,13 +80,14 @@ def sdxl_pipeline(model, tree: dict, scheduler, task: str = "txt2img"):
                  tokenizer_2=clip_tokenizer("!", texts[-1].max_length), scheduler=scheduler)
     if refiner:
         parts.update(text_encoder=None, tokenizer=None, force_zeros_for_empty_prompt=False)
-        if task == "img2img":
+        if task != "txt2img":
             parts["requires_aesthetics_score"] = True
     else:
         parts.update(text_encoder=transformers_clip_l(texts[0], sd),
                      tokenizer=clip_tokenizer("<|endoftext|>", texts[0].max_length))
     cls = {"txt2img": diffusers.StableDiffusionXLPipeline,
-           "img2img": diffusers.StableDiffusionXLImg2ImgPipeline}[task]
+           "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
+           "inpaint": diffusers.StableDiffusionXLInpaintPipeline}[task]
     pipe = cls(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe

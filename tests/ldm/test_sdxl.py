@@ -423,3 +423,24 @@ def test_diffusers_folder_with_a_wrong_vector_width_is_refused(tmp_path):
     path.write_text(json.dumps({**data, "projection_class_embeddings_input_dim": 81}))
     with pytest.raises(DiffusersFolderError, match="is not the pooled width 32 plus 5 or 6"):
         sdxl_folder_config(tmp_path)
+
+
+def test_speed_options_give_the_plain_output_with_y():
+    """The speed runner takes y (then no CFG prefix is shared: y differs per conditioning)."""
+    import copy
+
+    from ldm.speed import SpeedOptions, apply_speed
+
+    plain = _model("sdxl")
+    fast = copy.deepcopy(plain)
+    apply_speed(fast, SpeedOptions(cpu_prepack=False))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    context = torch.randn(4, 77, 64, generator=gen)  # [uncond, cond] for the two latents
+    y = plain.conditioner.vector(torch.randn(4, 32, generator=gen), {
+        k: torch.cat([v, v]) for k, v in _values("sdxl").items()})
+    with torch.no_grad():
+        a = plain.apply_model(x, torch.tensor([700, 700]), context, y=y)
+        b = fast.apply_model(x, torch.tensor([700, 700]), context, y=y)
+    err, scale = max_error(b, a)
+    assert a.shape == (4, 4, 16, 16) and err <= 1e-4 * max(1.0, scale)

@@ -104,3 +104,29 @@ def test_img2img_matches_diffusers(sides, kind, scheduler, negative):
     other = side.ours.img2img(OTHER, image, negative_prompt=negative or "", scheduler=scheduler,
                               seed=SEED, progress=False, **kw)
     assert_far(other.images[0], theirs)
+
+
+@pytest.mark.parametrize("kind, scheduler, strength", [("sdxl-inpaint", "euler", 1.0),
+                                                       ("sdxl-inpaint", "ddim", 0.75),
+                                                       ("sdxl", "ddim", 1.0)])
+def test_inpaint_matches_diffusers(sides, kind, scheduler, strength):
+    """The 9-channel SDXL inpainting model and a plain base model (known region re-noised each
+    step) against diffusers' StableDiffusionXLInpaintPipeline, inside the mask."""
+    import numpy as np
+
+    from tests.pipelines.test_pipeline_parity import _u8
+
+    side = sides(kind)
+    image, mask = dp.sample_image(SIZE, SIZE), dp.box_mask(SIZE, SIZE)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=6.0, strength=strength)
+    ours = side.ours.inpaint(PROMPT, image, mask, negative_prompt=NEGATIVE, scheduler=scheduler,
+                             seed=SEED, progress=False, **kw)
+    theirs = side.reference(scheduler, "inpaint")(
+        PROMPT, image=image, mask_image=mask, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
+        generator=torch.Generator("cpu").manual_seed(SEED), **kw).images[0]
+    inside = np.asarray(mask) == 255
+    assert_close(ours.images[0], theirs, inside)
+    assert np.array_equal(_u8(ours.images[0])[~inside], _u8(image)[~inside])
+    other = side.ours.inpaint(OTHER, image, mask, negative_prompt=NEGATIVE, scheduler=scheduler,
+                              seed=SEED, progress=False, **kw)
+    assert_far(other.images[0], theirs, inside)
