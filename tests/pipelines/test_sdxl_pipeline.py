@@ -130,3 +130,20 @@ def test_inpaint_matches_diffusers(sides, kind, scheduler, strength):
     other = side.ours.inpaint(OTHER, image, mask, negative_prompt=NEGATIVE, scheduler=scheduler,
                               seed=SEED, progress=False, **kw)
     assert_far(other.images[0], theirs, inside)
+
+
+def test_ldm_txt2img_with_an_sdxl_file(tmp_path, capsys):
+    """The command line end to end: a tiny SDXL single file (its config in the header), detected,
+    loaded and sampled; the PNG carries its parameters."""
+    from PIL import Image
+
+    from cli.main import main
+    from ldm.checkpoint import save_checkpoint
+
+    save_checkpoint(random_sdxl_model("sdxl"), tmp_path / "xl.safetensors")
+    out = tmp_path / "x.png"
+    code = main(["txt2img", "a red circle", "--checkpoint", str(tmp_path / "xl.safetensors"),
+                 "--steps", "2", "--seed", "3", "--width", "32", "--height", "32", "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    image = Image.open(out)
+    assert image.size == (32, 32) and "Seed: 3" in image.info["parameters"]
