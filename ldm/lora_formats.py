@@ -153,6 +153,8 @@ def name_table(model: nn.Module) -> NameTable:
     """:func:`build_name_table`, computed once per model (before any adapter is injected) and kept
     in its ``lora_names`` field."""
     if model.lora_names is None:
+        if model.config.is_sdxl:  # its two towers have no kohya/diffusers name table yet
+            raise LoraError("LoRA on SDXL models is not supported yet")
         if any(hasattr(m, "base_layer") for m in model.modules()):
             raise LoraError("the model already holds adapters injected elsewhere; LoRA names must "
                             "be read from the plain model")

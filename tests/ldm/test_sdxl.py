@@ -444,3 +444,10 @@ def test_speed_options_give_the_plain_output_with_y():
         b = fast.apply_model(x, torch.tensor([700, 700]), context, y=y)
     err, scale = max_error(b, a)
     assert a.shape == (4, 4, 16, 16) and err <= 1e-4 * max(1.0, scale)
+
+
+def test_lora_on_sdxl_is_one_error_line():
+    from ldm import lora as L
+
+    with pytest.raises(L.LoraError, match="LoRA on SDXL models is not supported yet"):
+        L.add_lora(_model("sdxl"), rank=4)
