@@ -95,19 +95,20 @@ class _Generation(BaseModel):
 
 
 class Txt2ImgRequest(_Generation):
-    enable_hr: Annotated[bool, Refuse(_true, "hires fix is not available")] = False
-    denoising_strength: float | None = None  # only used by hires fix
-    firstphase_width: int = 0
+    # hires fix (pipelines.hires.HiresFix, built by server.jobs): used when enable_hr is true
+    enable_hr: bool = False
+    denoising_strength: float = Field(0.75, ge=0, le=1)  # of the second pass
+    firstphase_width: int = 0  # pre-1.0 fields, no longer read by A1111 either
     firstphase_height: int = 0
-    hr_scale: float = 2.0
-    hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
-    hr_checkpoint_name: str | None = None
-    hr_sampler_name: str | None = None
+    hr_scale: float = Field(2.0, ge=1, le=8)
+    hr_upscaler: str | None = None  # None: "Latent"
+    hr_second_pass_steps: int = Field(0, ge=0)  # 0: the first pass's steps
+    hr_resize_x: int = Field(0, ge=0)
+    hr_resize_y: int = Field(0, ge=0)
+    hr_checkpoint_name: str | None = None  # only "Use same checkpoint"
+    hr_sampler_name: str | None = None  # None / "Use same sampler": the first pass's
     hr_scheduler: str | None = None
-    hr_prompt: str = ""
+    hr_prompt: str = ""  # "": the first pass's prompt
     hr_negative_prompt: str = ""
 
 

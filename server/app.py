@@ -256,7 +256,7 @@ def _generation_routes(app: FastAPI, server: Server) -> None:
     async def generate(req, request: Request, mode: str):
         plan = await run_in_threadpool(jobs.plan_request, server, req, mode)
         started = time.time()
-        job = server.worker.submit(mode, jobs.make_runner(plan), plan.checkpoint)
+        job = server.worker.submit(mode, jobs.make_runner(plan, server.limits), plan.checkpoint)
         outcome = await _wait(server, job, request)
         if outcome is None:  # the client went away
             return Response(status_code=499)

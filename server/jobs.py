@@ -115,12 +115,42 @@ def plan_request(server, req: Txt2ImgRequest | Img2ImgRequest, mode: str) -> Pla
         plan.loras = [(server.loras.resolve(name, "prompt <lora:...>"), w, name) for name, w in tags]
     plan.kwargs["prompt"] = prompt
     plan.extra["prompt"] = req.prompt  # the infotext keeps the tags, as A1111's does
+    if mode == "txt2img" and req.enable_hr:
+        plan.kwargs["hires"] = _hires(server, req, sampler)
     units = control_units(server, req.alwayson_scripts)
     if units:
         plan.kwargs["control"] = units
     if mode == "img2img":
         _plan_img2img(server, req, plan)
     return plan
+
+
+def _hires(server, req: Txt2ImgRequest, sampler: str):
+    """The second pass of A1111's hires fix from the ``hr_*`` fields."""
+    from pipelines.hires import UPSCALERS, HiresFix
+
+    if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        raise Refused(422, "hr_checkpoint_name: another checkpoint for the second pass is not "
+                      "available")
+    upscaler = req.hr_upscaler or "Latent"
+    if upscaler not in UPSCALERS:
+        raise Refused(422, f"hr_upscaler: {upscaler!r} is not available; choose one of "
+                      f"{', '.join(UPSCALERS)}")
+    ours = None
+    same = (None, "", "Use same sampler", "Use same scheduler")
+    if req.hr_sampler_name not in same or req.hr_scheduler not in same:
+        name = sampler if req.hr_sampler_name in same else req.hr_sampler_name
+        schedule = None if req.hr_scheduler in same else req.hr_scheduler
+        try:
+            ours = a1111.sampler_choice(name, schedule)[2]
+        except a1111.Unsupported as exc:
+            raise Refused(422, f"hr_{exc}") from None
+    server.limits.check(width=0, height=0, images=1, steps=req.hr_second_pass_steps)
+    return HiresFix(scale=req.hr_scale, resize_x=req.hr_resize_x, resize_y=req.hr_resize_y,
+                    upscaler=upscaler, denoising_strength=req.denoising_strength,
+                    steps=req.hr_second_pass_steps, sampler=ours,
+                    prompt=split_loras(req.hr_prompt)[0] or None,
+                    negative_prompt=req.hr_negative_prompt or None)
 
 
 def check_settings(settings: dict, where: str = "") -> None:
@@ -282,7 +312,7 @@ def _preprocessor(unit: ControlNetUnitRequest, where: str) -> tuple[str, dict]:
 
 
 # ------------------------------------------------------------------ running (worker thread)
-def make_runner(plan: Plan) -> Callable:
+def make_runner(plan: Plan, limits) -> Callable:
     """The job: batches run one after another; interrupt stops, skip moves to the next batch."""
     from pipelines import inpaint_region
 
@@ -301,6 +331,11 @@ def make_runner(plan: Plan) -> Callable:
                 if plan.subseed is not None:
                     kwargs["subseed"] = plan.subseed + k * plan.batch_size
                 prompt = kwargs.pop("prompt")
+                if kwargs.get("hires") is not None and k == 0:
+                    size = pipe.model.config.default_image_size
+                    final = kwargs["hires"].sizes(kwargs.get("width") or size,
+                                                  kwargs.get("height") or size)[1]
+                    limits.check(width=final[0], height=final[1], images=1, steps=1)
                 if plan.mode == "txt2img":
                     result = pipe.txt2img(prompt, **kwargs)
                 elif plan.mode == "img2img":

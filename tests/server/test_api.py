@@ -55,7 +55,10 @@ def test_sampler_and_schedule_names_as_a1111_reads_them(sampler, scheduler, ours
 
 
 @pytest.mark.parametrize("body, field", [
-    ({"enable_hr": True}, "enable_hr"), ({"subseed_strength": 1.5}, "subseed_strength"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+    ({"enable_hr": True, "hr_checkpoint_name": "other"}, "hr_checkpoint_name"),
+    ({"enable_hr": True, "hr_sampler_name": "Euler", "hr_scheduler": "Karras"}, "hr_scheduler"),
+    ({"subseed_strength": 1.5}, "subseed_strength"),
     ({"restore_faces": True}, "restore_faces"), ({"tiling": True}, "tiling"),
     ({"styles": ["x"]}, "styles"), ({"s_churn": 1}, "s_churn"),
     ({"sampler_name": "Euler", "scheduler": "Karras"}, "scheduler"),
@@ -85,6 +88,26 @@ def test_variation_seeds_and_seed_resize(client, pipe):
     # one side alone is off, as in A1111 (webuiapi sends 0 for both)
     assert same(unb64(_txt2img(client, seed_resize_from_w=32).json()["images"][0]),
                 unb64(_txt2img(client).json()["images"][0]))
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix(client, pipe, upscaler):
+    from pipelines.hires import HiresFix
+
+    r = _txt2img(client, enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler, denoising_strength=0.5,
+                 hr_second_pass_steps=2, hr_sampler_name="Euler", batch_size=2)
+    assert r.status_code == 200, r.text
+    ref = pipe.txt2img(PROMPT, seed=7, num_inference_steps=STEPS, guidance_scale=5,
+                       scheduler="dpmpp_2m_karras", width=64, height=64, num_images=2,
+                       progress=False, hires=HiresFix(scale=1.5, upscaler=upscaler,
+                                                      denoising_strength=0.5, steps=2,
+                                                      sampler="euler"))
+    images = [unb64(b) for b in r.json()["images"]]
+    assert images[0].size == (96, 96)
+    assert same(images[0], ref.images[0]) and same(images[1], ref.images[1])
+    assert f"Hires upscaler: {upscaler}" in images[0].info["parameters"]
+    too_big = _txt2img(client, enable_hr=True, hr_scale=8, width=2048, height=2048)
+    assert too_big.status_code == 422 and "width x height" in too_big.json()["detail"]
 
 
 def test_what_clients_send_by_default_is_accepted(client):
