@@ -94,13 +94,18 @@ class Server:
 
     def start(self) -> None:
         self.worker.start()
-        self.worker.submit("load", lambda pipe, control: None, self.checkpoint)  # load now
+        self.loading = self.worker.submit("load", lambda pipe, control: None, self.checkpoint)
 
     def embedding_list(self) -> dict:
         """A1111's /embeddings: the textual-inversion files prompts may name, by word; those made
         for another text-encoder width are "skipped"."""
         from ldm.embeddings import find_embeddings, load_embedding
 
+        if self.worker.pipeline(0) is None and getattr(self, "loading", None) is not None:
+            try:  # the width of the model's text encoder decides what is usable
+                self.loading.future.result(timeout=600)
+            except Exception:
+                pass
         pipe = self.worker.pipeline(0)
         folder = self.config.embeddings_dir or (pipe.embeddings_dir if pipe else None)
         out: dict = {"loaded": {}, "skipped": {}}
@@ -398,9 +403,21 @@ def _info_routes(app: FastAPI, server: Server) -> None:
         names = ["controlnet"] if server.controlnets is not None else []
         return {"txt2img": names, "img2img": names}
 
-    for path in ("sd-vae", "hypernetworks", "face-restorers", "prompt-styles", "upscalers",
-                 "latent-upscale-modes", "realesrgan-models"):
+    for path in ("sd-vae", "hypernetworks", "face-restorers", "prompt-styles", "realesrgan-models"):
         app.add_api_route(f"/sdapi/v1/{path}", _empty, methods=["GET"])
+
+    @app.get("/sdapi/v1/upscalers")
+    async def upscalers():  # those the hires fix can use (hr_upscaler), in A1111's shape
+        from pipelines.hires import PIXEL_MODES
+
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None,
+                 "scale": 4} for name in PIXEL_MODES]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_upscale_modes():
+        from pipelines.hires import LATENT_MODES
+
+        return [{"name": name} for name in LATENT_MODES]
 
     @app.post("/sdapi/v1/png-info", response_model=PNGInfoResponse)
     async def png_info(req: PNGInfoRequest):

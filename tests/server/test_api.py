@@ -213,6 +213,9 @@ def test_lists(client):
     models = client.get("/sdapi/v1/sd-models").json()
     assert {m["model_name"] for m in models} == {"tiny-shapes", "other"}
     assert all(m["title"] == f"{m['filename']} [{m['hash']}]" for m in models)
+    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["Lanczos", "Nearest"]
+    assert "Latent (bicubic antialiased)" in [
+        m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
     embeddings = client.get("/sdapi/v1/embeddings").json()
     assert embeddings["loaded"]["shiny"]["vectors"] == 2 and list(embeddings["skipped"]) == ["wide"]
     assert client.post("/sdapi/v1/refresh-loras").status_code == 200
