@@ -216,7 +216,7 @@ class Pipeline:
                 return_latents: bool = False, callback=None, progress: bool = True,
                 control=(), subseed: int | None = None, subseed_strength: float = 0.0,
                 seed_resize_from_h: int = 0, seed_resize_from_w: int = 0,
-                hires=None) -> GenerationResult:
+                hires=None, sdxl=None) -> GenerationResult:
         """Images from text."""
         return self._generate(_request("txt2img", locals()))
 
@@ -228,7 +228,8 @@ class Pipeline:
                 num_images: int = 1, eta: float = 0.0, clip_skip: int = 0, output_type: str = "pil",
                 return_latents: bool = False, callback=None, progress: bool = True,
                 control=(), subseed: int | None = None, subseed_strength: float = 0.0,
-                seed_resize_from_h: int = 0, seed_resize_from_w: int = 0) -> GenerationResult:
+                seed_resize_from_h: int = 0, seed_resize_from_w: int = 0,
+                sdxl=None) -> GenerationResult:
         """Redraw ``image``: ``strength`` 0 keeps it, 1 replaces it."""
         return self._generate(_request("img2img", locals()))
 
@@ -241,7 +242,8 @@ class Pipeline:
                 eta: float = 0.0, clip_skip: int = 0, output_type: str = "pil",
                 return_latents: bool = False, callback=None, progress: bool = True,
                 control=(), subseed: int | None = None, subseed_strength: float = 0.0,
-                seed_resize_from_h: int = 0, seed_resize_from_w: int = 0) -> GenerationResult:
+                seed_resize_from_h: int = 0, seed_resize_from_w: int = 0,
+                sdxl=None) -> GenerationResult:
         """Repaint the white part of ``mask``; pixels where the (blurred) mask is black come back
         unchanged, and the result has the input image's size."""
         return self._generate(_request("inpaint", locals()))
@@ -338,7 +340,7 @@ class Pipeline:
                 raise ValueError("textual-inversion embeddings are not supported on SDXL models yet")
             return sdxl_conditioning(self.model, request.prompt, request.negative_prompt,
                                      request.clip_skip, request.num_images, request.height,
-                                     request.width, guidance.enabled, self.dtype)
+                                     request.width, guidance.enabled, self.dtype, request.sdxl)
         cond, uncond = encode_prompts(self.model, request.prompt, request.negative_prompt,
                                       request.clip_skip, self.embeddings_in(request))
         cond = cond.repeat_interleave(request.num_images, 0).to(self.dtype)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import preprocess as pre, schedulers
 from .control import as_units
+from .sdxl import SizeConditioning
 from .validate import check_number
 
 MODES = ("txt2img", "img2img", "inpaint")
@@ -64,6 +65,9 @@ PARAMETERS = {
     "seed_resize_from_w": "the width for seed_resize_from_h",
     "control": "ControlNet unit(s): pipelines.control.ControlUnit (model, hint image, weight, "
                "guidance start/end, control and resize mode, preprocessor); their residuals add up",
+    "sdxl": "SDXL's size, crop and aesthetic-score conditioning: a pipelines.sdxl.SizeConditioning "
+            "or a dict of its fields; None: diffusers' defaults (the output size, crop (0, 0), "
+            "scores 6.0 / 2.5)",
 }
 
 
@@ -101,6 +105,7 @@ class GenerationRequest:
     seed_resize_from_h: int = 0
     seed_resize_from_w: int = 0
     hires: object | None = None  # pipelines.hires.HiresFix
+    sdxl: SizeConditioning | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -122,6 +127,11 @@ class GenerationRequest:
             raise ValueError("callback must be callable as callback(step, total, latents)")
         self._check_randomness()
         object.__setattr__(self, "control", as_units(self.control))
+        if isinstance(self.sdxl, dict):
+            object.__setattr__(self, "sdxl", SizeConditioning(**self.sdxl))
+        elif self.sdxl is not None and not isinstance(self.sdxl, SizeConditioning):
+            raise ValueError(f"sdxl must be a pipelines.sdxl.SizeConditioning or a dict of its "
+                             f"fields, got {type(self.sdxl).__name__}")
 
     def _check_numbers(self) -> None:
         if self.num_inference_steps is not None:

@@ -11,6 +11,8 @@ prompt is given (its SDXL base models ship with that switch on, the refiner with
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ldm.modules.tokenizer import EOT, SOT, tokenizer_for
@@ -21,12 +23,56 @@ AESTHETIC_SCORE = 6.0
 NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
-def size_values(cfg, rows: int, height: int, width: int, aesthetic: float,
-                original: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
-                target: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+def _pair(value, name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise ValueError(f"sdxl.{name} must be (height, width) / (top, left) in whole pixels, "
+                         f"got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning (Podell et al. 2023, §2.2), diffusers' names and defaults: the
+    size the training image had (``original_size``), where it was cropped, the size asked for
+    (``target_size``), each (height, width) or (top, left) in pixels, None = the output size; the
+    ``negative_*`` ones for the unconditional half: sizes None = as the positive, crop (0, 0) as
+    diffusers' img2img and inpainting pipelines have it (its txt2img pipeline copies the positive
+    crop unless both negative sizes are given); the refiner's aesthetic scores."""
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = AESTHETIC_SCORE
+    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
+
+    def __post_init__(self):
+        for name in ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                     "negative_crops_coords_top_left", "negative_target_size"):
+            object.__setattr__(self, name, _pair(getattr(self, name), name))
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"sdxl.{name} must be a number, got {value!r}")
+
+    def half(self, negative: bool, height: int, width: int) -> dict[str, tuple[float, ...]]:
+        """The numbers of one half of guidance by sgm input key."""
+        original, crop, target = self.original_size, self.crops_coords_top_left, self.target_size
+        if negative:
+            original = self.negative_original_size or original
+            crop = self.negative_crops_coords_top_left
+            target = self.negative_target_size or target
+        score = self.negative_aesthetic_score if negative else self.aesthetic_score
+        return {"original_size_as_tuple": original or (height, width), "crop_coords_top_left": crop,
+                "target_size_as_tuple": target or (height, width), "aesthetic_score": (score,)}
+
+
+def size_values(cfg, rows: int, numbers: dict[str, tuple[float, ...]]) -> dict[str, torch.Tensor]:
     """The numbers each sgm vector embedder of ``cfg`` (a ConditionerConfig) reads, ``rows`` times."""
-    numbers = {"original_size_as_tuple": original or (height, width), "crop_coords_top_left": crop,
-               "target_size_as_tuple": target or (height, width), "aesthetic_score": (aesthetic,)}
     keys = [e.input_key for e in cfg.embedders if e.text is None]
     return {k: torch.tensor([list(map(float, numbers[k]))] * rows) for k in keys}
 
@@ -68,26 +114,28 @@ def _encode(model, texts: list[str], clip_skip: int) -> dict[str, tuple[torch.Te
 
 def sdxl_conditioning(model, prompts: list[str], negatives: list[str], clip_skip: int,
                       num_images: int, height: int, width: int, guidance: bool,
-                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                      dtype: torch.dtype, sizes: SizeConditioning | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(context, y) of every image: rows [uncond, cond] with guidance, else cond."""
     cfg = model.conditioner.config
+    sizes = sizes or SizeConditioning()
     if len(negatives) == 1:
         negatives = negatives * len(prompts)
     if len(negatives) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
     encoded = _encode(model, prompts + (negatives if guidance else []), clip_skip)
 
-    def half(texts: list[str], aesthetic: float, zeros: bool):
+    def half(texts: list[str], negative: bool, zeros: bool):
         context = torch.cat([encoded[t][0] for t in texts]).repeat_interleave(num_images, 0)
         pooled = torch.cat([encoded[t][1] for t in texts]).repeat_interleave(num_images, 0)
         if zeros:
             context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-        values = size_values(cfg, context.shape[0], height, width, aesthetic)
+        values = size_values(cfg, context.shape[0], sizes.half(negative, height, width))
         return context.to(dtype), model.conditioner.vector(pooled, values).to(dtype)
 
-    cond = half(prompts, AESTHETIC_SCORE, False)
+    cond = half(prompts, False, False)
     if not guidance:
         return cond
     zeros = force_zeros_for_empty_prompt(cfg) and all(n == "" for n in negatives)
-    uncond = half(negatives, NEGATIVE_AESTHETIC_SCORE, zeros)
+    uncond = half(negatives, True, zeros)
     return torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]])

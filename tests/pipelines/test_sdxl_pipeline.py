@@ -147,3 +147,43 @@ def test_ldm_txt2img_with_an_sdxl_file(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     image = Image.open(out)
     assert image.size == (32, 32) and "Seed: 3" in image.info["parameters"]
+
+
+def test_size_conditioning_matches_diffusers(sides):
+    """The micro-conditioning fields reach y as diffusers' arguments of the same names do."""
+    from pipelines.sdxl import SizeConditioning
+
+    side = sides("sdxl")
+    sizes = dict(original_size=(512, 384), crops_coords_top_left=(16, 8), target_size=(64, 48),
+                 negative_original_size=(256, 256), negative_target_size=(32, 32))
+    kw = dict(num_inference_steps=STEPS, guidance_scale=6.0, height=SIZE, width=SIZE)
+    ours = side.ours.txt2img(PROMPT, negative_prompt=NEGATIVE, scheduler="euler", seed=SEED,
+                             progress=False, sdxl=SizeConditioning(**sizes), **kw)
+    theirs = side.reference("euler")(PROMPT, negative_prompt=NEGATIVE, **sizes,
+                                     generator=torch.Generator("cpu").manual_seed(SEED), **kw).images[0]
+    assert_close(ours.images[0], theirs)
+    plain = side.ours.txt2img(PROMPT, negative_prompt=NEGATIVE, scheduler="euler", seed=SEED,
+                              progress=False, **kw)
+    assert_far(plain.images[0], theirs)
+
+
+def test_aesthetic_scores_match_diffusers(sides):
+    side = sides("sdxl-refiner")
+    image = dp.sample_image(SIZE, SIZE)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=6.0, strength=0.75)
+    ours = side.ours.img2img(PROMPT, image, negative_prompt=NEGATIVE, scheduler="euler", seed=SEED,
+                             progress=False, sdxl={"aesthetic_score": 9.0,
+                                                   "negative_aesthetic_score": 1.0}, **kw)
+    theirs = side.reference("euler", "img2img")(
+        PROMPT, image=image, negative_prompt=NEGATIVE, aesthetic_score=9.0,
+        negative_aesthetic_score=1.0, generator=torch.Generator("cpu").manual_seed(SEED), **kw).images[0]
+    assert_close(ours.images[0], theirs)
+
+
+def test_bad_size_conditioning_is_refused():
+    from pipelines.request import GenerationRequest
+
+    with pytest.raises(ValueError, match=r"sdxl.target_size must be \(height, width\)"):
+        GenerationRequest("txt2img", "a cat", sdxl={"target_size": (1024,)})
+    with pytest.raises(ValueError, match="sdxl must be a pipelines.sdxl.SizeConditioning"):
+        GenerationRequest("txt2img", "a cat", sdxl=(1024, 1024))
