@@ -8,13 +8,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli import control_args
+from cli import a1111_args, control_args
 from cli.args import CommandError, UsageError, number
 
 DTYPES = ("fp32", "fp16", "bf16")
 ATTENTION = ("sdpa", "xformers", "math")
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 MODES = ("txt2img", "img2img", "inpaint")
+_PARSERS: dict[str, argparse.ArgumentParser] = {}  # each command's parser, for its defaults
 
 
 # ---------------------------------------------------------------- options
@@ -128,6 +129,8 @@ def add_parsers(sub) -> None:
         _model_options(p)
         _sampling_options(p)
         control_args.add_options(p)
+        a1111_args.add_options(p, command)
+        _PARSERS[command] = p
         p.add_argument("-q", "--quiet", action="store_true",
                        help="no progress bar or notes; only the written files are printed")
 
@@ -136,7 +139,7 @@ def check(args: argparse.Namespace) -> None:
     """Cross-argument rules argparse cannot express; raises UsageError."""
     if args.prompt is not None and args.from_file:
         raise UsageError("give either PROMPT or --from-file, not both")
-    if args.prompt is None and not args.from_file:
+    if args.prompt is None and not args.from_file and not args.parameters_from:
         raise UsageError(f"missing PROMPT (or --from-file TXT) (see 'ldm {args.command} --help')")
     if bool(args.seed_resize_from_w) != bool(args.seed_resize_from_h):
         raise UsageError("give both --seed-resize-from-w and --seed-resize-from-h, or neither")
@@ -298,7 +301,15 @@ def _generate(args) -> int:
             args.quiet = True
 
     # 1. everything the user gave, checked before the (slow) model load
+    if args.parameters_from:
+        parser = _PARSERS[args.command]
+        unused = a1111_args.apply_parameters(args, argparse.Namespace(**{
+            k: parser.get_default(k) for k in vars(args)}))
+        if unused:
+            _note(args, f"{args.parameters_from}: not repeated here: {', '.join(unused)}")
     prompts = [args.prompt] if args.from_file is None else _read_prompts(args.from_file)
+    prompts = a1111_args.apply_styles(args, prompts)
+    hires = {"hires": a1111_args.hires_from(args)} if args.command == "txt2img" else {}
     n = args.num_images
     paths = _output_paths(args, len(prompts) * n)
     extra = _image_inputs(args)
@@ -333,7 +344,7 @@ def _generate(args) -> int:
                           subseed=None if args.subseed in (None, -1) else args.subseed + j * n,
                           subseed_strength=args.subseed_strength,
                           seed_resize_from_h=args.seed_resize_from_h,
-                          seed_resize_from_w=args.seed_resize_from_w,
+                          seed_resize_from_w=args.seed_resize_from_w, **hires,
                           **size)
         for k, (image, params) in enumerate(zip(result.images, result.parameters)):
             params = dict(params)

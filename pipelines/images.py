@@ -36,6 +36,12 @@ SAMPLER_NAMES = {
 }
 _SAMPLER_BY_DISPLAY = {v.lower(): k for k, v in SAMPLER_NAMES.items()}
 
+
+def scheduler_from_display(name: str) -> str:
+    """Our scheduler name for an A1111 sampler name ("DPM++ 2M Karras" → dpmpp_2m_karras); an
+    unknown name comes back unchanged."""
+    return _SAMPLER_BY_DISPLAY.get(name.strip().lower(), name)
+
 _NEGATIVE = "Negative prompt:"
 _PAIR = re.compile(r'\s*([A-Za-z][\w \-/+.()]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 _NEEDS_QUOTES = re.compile(r'[,:"\n]')
