@@ -40,10 +40,10 @@ def enable_model_offload(model: nn.Module, device) -> list:
     device = _execution_device(device)
     disable_model_offload(model)
     model.to("cpu")
-    _, text = cpu_offload_with_hook(model.cond_stage_model, device)
+    _, text = cpu_offload_with_hook(model.text_encoder, device)  # SDXL: the conditioner
     # prompt encoding reads the encoder's device once and calls it several times; CpuOffload only
     # moves the inputs of the call that brings the weights in, so move every call's token ids
-    add_hook_to_module(model.cond_stage_model, AlignDevicesHook(execution_device=device), append=True)
+    add_hook_to_module(model.text_encoder, AlignDevicesHook(execution_device=device), append=True)
     _, unet = cpu_offload_with_hook(model.model, device, prev_module_hook=text)
     _, vae = cpu_offload_with_hook(model.first_stage_model, device, prev_module_hook=unet)
     text.hook.prev_module_hook = vae  # close the cycle (see the module docstring)

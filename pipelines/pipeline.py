@@ -334,8 +334,9 @@ class Pipeline:
         """The text conditioning of every image, rows [uncond, cond] with guidance, else cond; and
         SDXL's vector conditioning in the same rows (None for SD1/SD2)."""
         if self.model.config.is_sdxl:
-            from .sdxl import sdxl_conditioning
+            from .sdxl import check_mode, sdxl_conditioning
 
+            check_mode(self.model.conditioner.config, request.mode)
             if self.embeddings_in(request):
                 raise ValueError("textual-inversion embeddings are not supported on SDXL models yet")
             return sdxl_conditioning(self.model, request.prompt, request.negative_prompt,

@@ -101,15 +101,19 @@ def _encode(model, texts: list[str], clip_skip: int) -> dict[str, tuple[torch.Te
                 rows = [chunk_ids(c, tower.pad_token_id, tower.max_length, SOT, EOT) for c in chunks]
                 ids.append(torch.tensor([r[0] for r in rows]))
                 weights = torch.tensor([r[1] for r in rows])
-            states, pooled = [], None
-            for i, (embedder, tokens) in enumerate(zip(cond.text_embedders, ids)):
-                device = next(embedder.parameters()).device
-                hidden, p = embedder(tokens.to(device), clip_skip)
-                states.append(apply_weights(hidden, weights))
-                pooled = p[:1] if p is not None else pooled
+            hidden, pooled = cond(ids, clip_skip)  # the pooled vector: the first chunk's (A1111)
+            states = [apply_weights(h, weights) for h in hidden]
             context = torch.cat([s.to(states[-1].dtype) for s in states], dim=-1)
-            out[text] = (context.reshape(1, -1, context.shape[-1]), pooled)
+            out[text] = (context.reshape(1, -1, context.shape[-1]), pooled[:1])
     return out
+
+
+def check_mode(cfg, mode: str) -> None:
+    """The refiner (no CLIP-L tower) was trained on the last fifth of the noise levels only: it
+    refines images, it does not make them from noise."""
+    if mode == "txt2img" and not force_zeros_for_empty_prompt(cfg):
+        raise ValueError("this is an SDXL refiner: it refines images (img2img, inpaint) and cannot "
+                         "make one from noise; use an SDXL base model for txt2img")
 
 
 def sdxl_conditioning(model, prompts: list[str], negatives: list[str], clip_skip: int,

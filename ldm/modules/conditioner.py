@@ -96,10 +96,11 @@ class GeneralConditioner(nn.Module):
     def text_embedders(self) -> list[nn.Module]:
         return [m for m, e in zip(self.embedders, self.config.embedders) if e.text is not None]
 
-    def encode_text(self, tokens: Sequence[torch.Tensor], clip_skip: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids, one tensor per text tower in order → (context, pooled). ``clip_skip`` > 0
-        takes that many blocks earlier in every tower, as diffusers' SDXL ``clip_skip``."""
+    def forward(self, tokens: Sequence[torch.Tensor], clip_skip: int = 0
+                ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Token ids, one tensor per text tower in order → (each tower's token states, pooled).
+        ``clip_skip`` > 0 takes that many blocks earlier in every tower, as diffusers' SDXL
+        ``clip_skip``. (A forward, so that offload hooks see the towers run.)"""
         towers = self.text_embedders
         if len(tokens) != len(towers):
             raise ValueError(f"{len(tokens)} token tensors for {len(towers)} text encoders")
@@ -109,6 +110,12 @@ class GeneralConditioner(nn.Module):
             hidden, p = tower(ids.to(device), clip_skip)
             states.append(hidden)
             pooled = p if p is not None else pooled
+        return states, pooled
+
+    def encode_text(self, tokens: Sequence[torch.Tensor], clip_skip: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context: the towers' token states side by side, pooled)."""
+        states, pooled = self(tokens, clip_skip)
         dtype = states[-1].dtype
         return torch.cat([s.to(dtype) for s in states], dim=-1), pooled
 

@@ -187,3 +187,15 @@ def test_bad_size_conditioning_is_refused():
         GenerationRequest("txt2img", "a cat", sdxl={"target_size": (1024,)})
     with pytest.raises(ValueError, match="sdxl must be a pipelines.sdxl.SizeConditioning"):
         GenerationRequest("txt2img", "a cat", sdxl=(1024, 1024))
+
+
+def test_refiner_txt2img_is_one_error_line(tmp_path, capsys):
+    from cli.main import main
+    from ldm.checkpoint import save_checkpoint
+
+    save_checkpoint(random_sdxl_model("sdxl-refiner"), tmp_path / "refiner.safetensors")
+    code = main(["txt2img", "a red circle", "--checkpoint", str(tmp_path / "refiner.safetensors"),
+                 "--steps", "1", "--width", "32", "--height", "32", "-o", str(tmp_path / "x.png"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and err.startswith("error:")
+    assert "SDXL refiner" in err and not (tmp_path / "x.png").exists()
