@@ -97,7 +97,7 @@ def upscale_image(image: Image.Image, hires: HiresFix, up, final) -> Image.Image
 def run_hires(pipe, request):
     """Both passes of a txt2img request with ``hires`` set; returns the second pass's result with
     the first pass's seeds and A1111's hires fields in the parameters."""
-    from .pipeline import GenerationResult
+    import dataclasses
 
     hires = request.hires
     if request.generator is not None:
@@ -136,7 +136,8 @@ def run_hires(pipe, request):
         out_latents = torch.cat(latents) if latents else None
         interrupted = any(part.interrupted for part in parts)
     params = [dict(p, strength=hires.denoising_strength, **hires_fields(hires)) for p in first.parameters]
-    return GenerationResult(images, out_latents, first.seeds, params, interrupted)
+    return dataclasses.replace(first, images=images, latents=out_latents, parameters=params,
+                               interrupted=interrupted)
 
 
 def _negatives(value):

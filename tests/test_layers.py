@@ -1,6 +1,7 @@
 """The package layers import strictly downwards and nothing imports in a circle.
 
-ldm (models, checkpoints, LoRA math) < pipelines (inference) < training < cli (the ``ldm`` command).
+ldm (models, checkpoints, LoRA math) < pipelines (inference) < training < server (the HTTP API)
+< cli (the ``ldm`` command).
 Every import statement counts, the ones inside functions too: a lazy import of a higher layer is
 still a dependency on it, and a lazy cycle still ties two modules together.
 """
@@ -10,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("ldm", "pipelines", "training", "cli")
+LAYERS = ("ldm", "pipelines", "training", "server", "cli")
 
 
 def module_files(root: Path, packages=LAYERS) -> dict[str, Path]:
