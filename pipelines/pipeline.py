@@ -342,6 +342,8 @@ class Pipeline:
             return sdxl_conditioning(self.model, request.prompt, request.negative_prompt,
                                      request.clip_skip, request.num_images, request.height,
                                      request.width, guidance.enabled, self.dtype, request.sdxl)
+        if request.sdxl is not None:
+            raise ValueError("sdxl (size and aesthetic conditioning) is for SDXL models")
         cond, uncond = encode_prompts(self.model, request.prompt, request.negative_prompt,
                                       request.clip_skip, self.embeddings_in(request))
         cond = cond.repeat_interleave(request.num_images, 0).to(self.dtype)

@@ -199,3 +199,11 @@ def test_refiner_txt2img_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and err.startswith("error:")
     assert "SDXL refiner" in err and not (tmp_path / "x.png").exists()
+
+
+def test_size_conditioning_on_an_sd1_model_is_refused():
+    from reference.pipelines import random_model
+
+    pipe = Pipeline(random_model("sd1"), device="cpu")
+    with pytest.raises(ValueError, match="is for SDXL models"):
+        pipe.txt2img("a cat", sdxl={"target_size": (64, 64)}, num_inference_steps=1, progress=False)
