@@ -25,6 +25,8 @@ def build_parser() -> Parser:
                    "images (see 'ldm train-lora --help')")
     sub.add_parser("train-controlnet", add_help=False, help="train a ControlNet on images, hint "
                    "images and captions (see 'ldm train-controlnet --help')")
+    sub.add_parser("train-embedding", add_help=False, help="learn a textual-inversion word from "
+                   "captioned images (see 'ldm train-embedding --help')")
     info.add_parser(sub)
     preprocess.add_parser(sub)
     serve.add_parser(sub)
@@ -38,6 +40,9 @@ def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["train-controlnet"]:
         from cli import train_controlnet
         return train_controlnet.run(argv[1:])
+    if argv[:1] == ["train-embedding"]:
+        from cli import train_embedding
+        return train_embedding.run(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return info.run(args)
