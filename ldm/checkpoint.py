@@ -207,6 +207,7 @@ def resolve_config(config, path: Path, sd, prediction=None) -> tuple[ModelConfig
         return embedded, f"the file's own config ({CONFIG_METADATA_KEY} metadata)", detection
     base = builtin_config(detection.config_name)
     if base.is_sdxl:  # no shape inference for SDXL yet: other widths need a config
+        base = base.replace(parameterization=detection.prediction)
         return base, f"built-in config {detection.config_name} (detected {detection.family})", detection
     # the architecture from the tensor shapes; a file of the family's standard size keeps the
     # built-in config itself

@@ -21,13 +21,15 @@ from .weights_io import CheckpointError
 
 @dataclass(frozen=True)
 class Detection:
-    family: str  # "sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sdxl", "sdxl-refiner", "sdxl-inpaint"
+    # "sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sdxl", "sdxl-v", "sdxl-refiner",
+    # "sdxl-inpaint"
+    family: str
     config_name: str  # stem of the built-in config in configs/
     rules: tuple[str, ...]  # the rules that fired, in the order they were applied
 
     @property
     def prediction(self) -> str:
-        return "v" if self.family == "sd2-v" else "eps"
+        return "v" if self.family in ("sd2-v", "sdxl-v") else "eps"
 
 
 CONFIG_FOR_FAMILY = {
@@ -37,6 +39,7 @@ CONFIG_FOR_FAMILY = {
     "sd2-v": "v2-inference-v",
     "sd2-inpaint": "v2-inpainting-inference",
     "sdxl": "sd_xl_base",
+    "sdxl-v": "sd_xl_base",  # community v-prediction fine-tunes mark themselves with a v_pred key
     "sdxl-refiner": "sd_xl_refiner",
     "sdxl-inpaint": "sd_xl_inpaint",
 }
@@ -171,6 +174,9 @@ def _detect_sdxl(sd: Mapping[str, torch.Tensor], where: str, prediction: str | N
                               "only 4 (and 9 for the base model's inpainting variant) are supported")
     if prediction is not None:
         rules.append(f"prediction override {prediction!r} does not change the {base} family")
+    elif base == "sdxl" and "v_pred" in sd:
+        rules.append("file has a v_pred key -> v-prediction")
+        base = "sdxl-v"
     return Detection(family=base, config_name=CONFIG_FOR_FAMILY[base], rules=tuple(rules))
 
 

@@ -451,3 +451,19 @@ def test_lora_on_sdxl_is_one_error_line():
 
     with pytest.raises(L.LoraError, match="LoRA on SDXL models is not supported yet"):
         L.add_lora(_model("sdxl"), rank=4)
+
+
+def test_v_pred_marker_makes_an_sdxl_v_model(tmp_path):
+    from ldm.detect import detect
+
+    sd = {**_meta_file_state("sd_xl_base"), "v_pred": torch.empty(0, device="meta")}
+    found = detect(sd)
+    assert (found.family, found.config_name, found.prediction) == ("sdxl-v", "sd_xl_base", "v")
+    assert "file has a v_pred key -> v-prediction" in found.rules
+    assert detect(sd, prediction="eps").family == "sdxl"
+    from safetensors.torch import save_file
+
+    from ldm.checkpoint import resolve_config
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "empty.safetensors"))  # a header without a config
+    cfg, source, _ = resolve_config(None, tmp_path / "empty.safetensors", sd)
+    assert cfg.parameterization == "v" and "detected sdxl-v" in source
