@@ -33,7 +33,8 @@ SCHEDULE_KEYS = (
 # Present in many files, harmless: training-only state, a buffer we rebuild, a v-prediction marker.
 DROPPED_KEYS = frozenset(SCHEDULE_KEYS + (
     "logvar", "cond_stage_model.transformer.text_model.embeddings.position_ids", "v_pred",
-    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"))
+    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+    "denoiser.sigmas", "denoiser.log_sigmas"))  # sgm's DiscreteDenoiser buffers, from the schedule
 EMA_PREFIX = "model_ema."
 CONFIG_METADATA_KEY = "ldm_config"
 _EMA_BOOKKEEPING = {"decay", "num_updates"}

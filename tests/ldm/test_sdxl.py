@@ -467,3 +467,16 @@ def test_v_pred_marker_makes_an_sdxl_v_model(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "empty.safetensors"))  # a header without a config
     cfg, source, _ = resolve_config(None, tmp_path / "empty.safetensors", sd)
     assert cfg.parameterization == "v" and "detected sdxl-v" in source
+
+
+def test_sgm_denoiser_buffers_in_a_file_are_dropped(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ldm.checkpoint import load_model, save_checkpoint
+    from ldm.weights_io import read_safetensors_metadata
+
+    save_checkpoint(_model("sdxl"), tmp_path / "a.safetensors")
+    tensors = load_file(str(tmp_path / "a.safetensors"))
+    tensors["denoiser.sigmas"] = torch.linspace(0.03, 14.6, 1000)
+    save_file(tensors, str(tmp_path / "b.safetensors"), metadata=read_safetensors_metadata(tmp_path / "a.safetensors"))
+    assert load_model(tmp_path / "b.safetensors").config.is_sdxl
