@@ -480,3 +480,33 @@ def test_sgm_denoiser_buffers_in_a_file_are_dropped(tmp_path):
     tensors["denoiser.sigmas"] = torch.linspace(0.03, 14.6, 1000)
     save_file(tensors, str(tmp_path / "b.safetensors"), metadata=read_safetensors_metadata(tmp_path / "a.safetensors"))
     assert load_model(tmp_path / "b.safetensors").config.is_sdxl
+
+
+@pytest.mark.parametrize("name", ["sd_xl_base", "sd_xl_refiner"])
+def test_full_size_keys_convert_strictly_with_diffusers_single_file_code(name):
+    """On the meta device: diffusers' own single-file converters read our full-size state dict and
+    fill its SDXL UNet, autoencoder and text towers with no key left over or missing."""
+    import yaml
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint,
+                                                     convert_open_clip_checkpoint,
+                                                     create_vae_diffusers_config_from_ldm)
+    from transformers import CLIPTextModelWithProjection
+
+    from ldm.config import CONFIG_DIR
+    from reference.sdxl import _hf_config
+
+    sd = _meta_file_state(name)
+    unet = _diffusers_meta_unet(name)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(sd, dict(unet.config)), strict=True, assign=True)
+    tree = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    with torch.device("meta"):
+        vae = AutoencoderKL(**create_vae_diffusers_config_from_ldm(tree, sd))
+    vae.load_state_dict(convert_ldm_vae_checkpoint(sd, dict(vae.config)), strict=True, assign=True)
+    cfg = builtin_config(name)
+    index = len(cfg.conditioner.texts) - 1
+    with torch.device("meta"):
+        big = CLIPTextModelWithProjection(_hf_config(cfg.conditioner.texts[-1]))
+    big.load_state_dict(convert_open_clip_checkpoint(big, sd, prefix=f"conditioner.embedders.{index}.model."),
+                        strict=True, assign=True)
