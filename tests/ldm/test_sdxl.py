@@ -510,3 +510,26 @@ def test_full_size_keys_convert_strictly_with_diffusers_single_file_code(name):
         big = CLIPTextModelWithProjection(_hf_config(cfg.conditioner.texts[-1]))
     big.load_state_dict(convert_open_clip_checkpoint(big, sd, prefix=f"conditioner.embedders.{index}.model."),
                         strict=True, assign=True)
+
+
+def test_bigg_embedder_equals_open_clip_text_transformer():
+    """Against open_clip's own TextTransformer holding the same weights: the pooled projection is
+    its encode_text output, the conditioning its penultimate block without ln_final (sgm's
+    non-legacy FrozenOpenCLIPEmbedder2)."""
+    from open_clip.transformer import TextTransformer
+
+    model = _model("sdxl", seed=6)
+    embedder = model.conditioner.embedders[1]
+    cfg = embedder.config
+    ref = TextTransformer(context_length=cfg.max_length, vocab_size=cfg.vocab_size, width=cfg.width,
+                          heads=cfg.heads, layers=cfg.layers, mlp_ratio=cfg.mlp_ratio,
+                          output_dim=cfg.projection_dim, output_tokens=True, act_layer=torch.nn.GELU)
+    ref.load_state_dict({k: v for k, v in embedder.model.state_dict().items() if k != "logit_scale"})
+    ids = _tokens(model, ["a red circle", "two (blue:1.2) squares"])[1]
+    with torch.no_grad():
+        hidden, pooled = embedder(ids)
+        ref_pooled, _ = ref.eval()(ids)
+        inter = ref.forward_intermediates(ids, indices=[cfg.layers - 2], output_fmt="NLC",
+                                          normalize_intermediates=False, intermediates_only=True)
+    assert torch.equal(pooled, ref_pooled)
+    assert torch.equal(hidden, inter["text_intermediates"][0])
