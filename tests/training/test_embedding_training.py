@@ -150,6 +150,14 @@ def test_zero_learning_rate_keeps_the_init_rows(files, tmp_path):
     assert torch.equal(load_embedding(out, 32).vectors, start)
 
 
+def test_bf16_keeps_the_vectors_in_float32(files, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / f"{WORD}.safetensors"
+    assert train(files, out, "--max-steps", 2, "--mixed-precision", "bf16", "--cpu") == 0
+    assert load_file(str(out))["emb_params"].dtype == torch.float32
+
+
 def test_resumed_run_equals_the_uninterrupted_run(files, tmp_path):
     common = ["--max-steps", 5, "--checkpointing-steps", 2, "--gradient-accumulation-steps", 2,
               "--flip", "--lr-scheduler", "cosine", "--lr-warmup-steps", 1, "--learning-rate", "0.02",
