@@ -296,3 +296,32 @@ def test_validation_draws_through_the_pipelines_control_unit(files, tmp_path):
             "--validation-image", files["data"] / "conditioning" / "s0.png"]
     assert main([str(a) for a in argv]) == 0
     assert (tmp_path / "v-validation" / "step-000002-0.png").is_file()
+
+
+def test_the_shapes_recipe_renders_its_own_folder(tmp_path):
+    """Scenes of 12–48 px that fit the image, no held-out pair in the training data, canny hints,
+    and a folder the trainer reads."""
+    import numpy as np
+
+    from training.controlnet_data import scan_control_folder
+    from training.shapes import analyze, is_held_out
+    from training.shapes_controlnet import free_scene, write_data
+
+    scenes = [free_scene(random.Random(i)) for i in range(200)]
+    assert {s.side for s in scenes} <= set(range(12, 49)) and min(s.side for s in scenes) < 16
+    assert max(s.side for s in scenes) > 44
+    assert not any(is_held_out(s.colour, s.shape) for s in scenes)
+    assert all(is_held_out(s.colour, s.shape) for s in
+               (free_scene(random.Random(i), held_out=True) for i in range(20)))
+    for s in scenes[:20]:
+        found = analyze(s.render())
+        assert (found.colour, found.background) == (s.colour, s.background)
+        x0, y0, x1, y1 = found.bbox
+        assert x0 >= 1 and y0 >= 1 and x1 <= 63 and y1 <= 63
+    from PIL import Image
+
+    examples = scan_control_folder(write_data(tmp_path / "data", 3))
+    first = free_scene(random.Random(0))
+    assert examples[0].caption == f"a {first.colour} {first.shape} on a {first.background} background"
+    hint = np.asarray(Image.open(examples[0].hint))
+    assert hint.shape == (64, 64, 3) and set(np.unique(hint)) == {0, 255}
