@@ -165,13 +165,17 @@ def inpaint_latents(canvas: Canvas, schedule: Schedule, request: GenerationReque
     if not is_inpainting or request.strength < 1:
         init = encode_image(canvas, pixels)
     noise = canvas.noise()
-    if request.strength == 1:
-        latents = noise * schedule.init_noise_sigma
-    else:
-        latents = schedule.noised(init, noise)
     # diffusers' latent mask: nearest-neighbour downsampling of the binarised mask
     mask_latent = F.interpolate(pixel_mask, size=canvas.shape[-2:]).to(canvas.device, canvas.dtype)
     mask_latent = mask_latent.expand(canvas.batch, -1, -1, -1)
+    if request.strength == 1:
+        latents = noise * schedule.init_noise_sigma
+    else:
+        start = init
+        if request.inpainting_fill != "original":  # A1111's masked content: the seed's noise, or 0
+            fill = noise if request.inpainting_fill == "latent_noise" else torch.zeros_like(init)
+            start = init * (1 - mask_latent) + fill * mask_latent
+        latents = schedule.noised(start, noise)
     if is_inpainting:
         masked = encode_image(canvas, pixels * (pixel_mask < 0.5))
         return Start(latents, concat=torch.cat([mask_latent, masked], dim=1))

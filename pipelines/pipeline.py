@@ -235,7 +235,7 @@ class Pipeline:
 
     @_documented
     def inpaint(self, prompt, image: Image.Image, mask: Image.Image, *, strength: float = 1.0,
-                mask_blur: int = 0, negative_prompt="", num_inference_steps: int | None = None,
+                mask_blur: int = 0, inpainting_fill: str = "original", negative_prompt="", num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, scheduler: str | None = None,
                 guidance_rescale: float = 0.0, seed: int | None = None, generator=None,
                 height: int | None = None, width: int | None = None, num_images: int = 1,

@@ -23,6 +23,7 @@ from .validate import check_number
 
 MODES = ("txt2img", "img2img", "inpaint")
 OUTPUT_TYPES = ("pil", "latent")
+INPAINTING_FILLS = ("original", "latent_noise", "latent_nothing")
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 
 
@@ -39,6 +40,9 @@ PARAMETERS = {
     "strength": "how much to change the image, 0 to 1: only the last int(steps·strength) "
                 "timesteps run (diffusers' rule)",
     "mask_blur": "soften the mask edge by this many pixels (Gaussian blur)",
+    "inpainting_fill": 'what the masked area starts from below strength 1 (A1111\'s "masked '
+                       'content"): "original", "latent_noise" (the seed\'s noise) or "latent_nothing" '
+                       '(zero latents)',
     "negative_prompt": 'what to steer away from ("" = the empty prompt), one, or one per prompt',
     "num_inference_steps": "scheduler steps; None: the model config's sampling section, else 25",
     "guidance_scale": "classifier-free guidance g; 1 turns the unconditional pass off; None: the "
@@ -95,6 +99,7 @@ class GenerationRequest:
     strength: float = 1.0
     mask: Image.Image | None = None  # inpaint
     mask_blur: int = 0
+    inpainting_fill: str = "original"  # inpaint
     output_type: str = "pil"
     return_latents: bool = False
     callback: Callable | None = None
@@ -176,6 +181,9 @@ class GenerationRequest:
             raise ValueError("hires (the second pass) is for txt2img only")
         if self.mode == "inpaint":
             pre.check_image(self.mask, "mask")
+        if self.inpainting_fill not in INPAINTING_FILLS:
+            raise ValueError(f"inpainting_fill must be one of {', '.join(INPAINTING_FILLS)}, "
+                             f"got {self.inpainting_fill!r}")
 
     def _check_randomness(self) -> None:
         if self.generator is None:

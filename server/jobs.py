@@ -232,10 +232,9 @@ def _plan_img2img(server, req: Img2ImgRequest, plan: Plan) -> None:
     if req.mask_blur is None and req.mask_blur_x != req.mask_blur_y:
         raise Refused(422, "mask_blur_x: a blur different from mask_blur_y is not available")
     blur = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
-    if req.inpainting_fill in (2, 3) and req.denoising_strength < 1:
-        raise Refused(422, "inpainting_fill: latent noise / latent nothing need "
-                      "denoising_strength 1 here (it then starts from noise)")
     plan.kwargs["mask_blur"] = blur
+    if req.inpainting_fill in (2, 3):  # the masked latents start from the seed's noise, or zero
+        plan.kwargs["inpainting_fill"] = "latent_noise" if req.inpainting_fill == 2 else "latent_nothing"
     fill = req.inpainting_fill == 0
     if mask.size != image.size:
         mask = mask.resize(image.size)
@@ -340,6 +339,7 @@ def make_runner(plan: Plan, limits) -> Callable:
                     result = pipe.txt2img(prompt, **kwargs)
                 elif plan.mode == "img2img":
                     kwargs.pop("mask_blur", None)
+                    kwargs.pop("inpainting_fill", None)
                     result = pipe.img2img(prompt, plan.inputs["image"], **kwargs)
                 elif plan.mode == "inpaint":
                     del kwargs["width"], kwargs["height"]

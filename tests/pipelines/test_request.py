@@ -82,8 +82,9 @@ def test_entry_points_take_the_request_fields_with_their_defaults(mode):
             assert p.default == fields[name].default, name
         assert name in getattr(Pipeline, mode).__doc__ and name in PARAMETERS
     unused = set(fields) - set(params) - {"mode"}
-    expected = {"txt2img": {"image", "strength", "mask", "mask_blur"},
-                "img2img": {"mask", "mask_blur", "hires"}, "inpaint": {"hires"}}[mode]
+    expected = {"txt2img": {"image", "strength", "mask", "mask_blur", "inpainting_fill"},
+                "img2img": {"mask", "mask_blur", "hires", "inpainting_fill"},
+                "inpaint": {"hires"}}[mode]
     assert unused == expected
 
 

@@ -141,6 +141,14 @@ def test_img2img_and_inpainting_equal_the_python_api(client, pipe):
     ref = pipe.inpaint(PROMPT, start, mask, strength=0.6, mask_blur=2, **kw).images[0]
     assert r.status_code == 200, r.text
     assert same(unb64(r.json()["images"][0]), ref)
+    # latent noise / latent nothing under the mask (A1111's masked content 2 and 3)
+    for fill, name in ((2, "latent_noise"), (3, "latent_nothing")):
+        r = client.post("/sdapi/v1/img2img", json={**common, "mask": b64png(mask), "mask_blur": 2,
+                                                   "inpainting_fill": fill, "inpaint_full_res": False})
+        ref = pipe.inpaint(PROMPT, start, mask, strength=0.6, mask_blur=2, inpainting_fill=name,
+                           **kw).images[0]
+        assert r.status_code == 200, r.text
+        assert same(unb64(r.json()["images"][0]), ref)
     # "only masked" with padding and fill: what clients send by default
     r = client.post("/sdapi/v1/img2img", json={**common, "mask": b64png(mask), "mask_blur": 2,
                                                "inpaint_full_res_padding": 4, "width": 32,
