@@ -98,12 +98,16 @@ def run(args) -> dict:
     make_data(data, args.images, args.seed)
     pipe = Pipeline.from_checkpoint(device="cpu")
     texts = prompts(args.samples, args.eval_seed)
-    figures: dict = {"before_base_model": summary(square_shares(pipe, texts, args.eval_seed))}
     text = pipe.model.cond_stage_model
-    start = init_vectors(text, tokenizer_for(pipe.model.config.text), args.init_word, args.vectors)
-    pipe.embeddings[TOKEN] = TextualInversion(TOKEN, start)
-    figures["before_init_vectors"] = summary(square_shares(pipe, texts, args.eval_seed))
-    del pipe.embeddings[TOKEN]
+    figures: dict = {}
+    if not args.skip_before:
+        figures["before_base_model"] = summary(square_shares(pipe, texts, args.eval_seed))
+        print("before, base model:", figures["before_base_model"], flush=True)
+        start = init_vectors(text, tokenizer_for(pipe.model.config.text), args.init_word, args.vectors)
+        pipe.embeddings[TOKEN] = TextualInversion(TOKEN, start)
+        figures["before_init_vectors"] = summary(square_shares(pipe, texts, args.eval_seed))
+        print("before, initial vectors:", figures["before_init_vectors"], flush=True)
+        del pipe.embeddings[TOKEN]
 
     shutil.rmtree(work / f"{TOKEN}-checkpoints", ignore_errors=True)
     argv = ["--data", str(data), "--token", TOKEN, "--init-word", args.init_word,
@@ -115,6 +119,7 @@ def run(args) -> dict:
     train_embedding(argv)
     figures["training_seconds"] = round(time.perf_counter() - started, 1)
     figures["training"] = " ".join(argv)
+    print(f"trained in {figures['training_seconds']} s", flush=True)
 
     before = token_embedding(text).weight.detach().clone()
     assert pipe.load_embedding(out) == TOKEN
@@ -137,6 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-seed", type=int, default=90000,
                    help="seed of the evaluation prompts and images (default 90000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the training run")
+    p.add_argument("--skip-before", action="store_true", help="measure only after training")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a busy 2-core machine more threads spin)")
     p.add_argument("--workdir", default="/tmp/ldm-embedding-concept")

@@ -272,3 +272,21 @@ def test_two_processes_through_accelerate_launch(files, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ddp-checkpoints" / "step-000002").iterdir()) == \
         ["embedding.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
          "train_state.json"]
+
+
+# ------------------------------------------------------------------ the concept, on the real model
+
+@pytest.mark.slow
+def test_an_embedding_teaches_the_default_model_a_word_for_square(tmp_path):
+    """benchmarks/embedding_concept.py: 40 rendered squares, a few minutes of CPU training; then
+    prompts naming ``sqz`` draw squares ≥ 90 % of the time, unseen colours included."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("embedding_concept",
+                                                  ROOT / "benchmarks" / "embedding_concept.py")
+    concept = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(concept)
+    figures = concept.run(concept.parse_args(["--workdir", str(tmp_path), "--skip-before",
+                                              "--json", str(tmp_path / "figures.json")]))
+    assert figures["after"]["mean"] >= 0.9, figures
+    assert figures["training_seconds"] <= 600, figures
