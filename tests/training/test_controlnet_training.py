@@ -325,3 +325,33 @@ def test_the_shapes_recipe_renders_its_own_folder(tmp_path):
     assert examples[0].caption == f"a {first.colour} {first.shape} on a {first.background} background"
     hint = np.asarray(Image.open(examples[0].hint))
     assert hint.shape == (64, 64, 3) and set(np.unique(hint)) == {0, 255}
+
+
+def test_the_shipped_canny_controlnet_draws_the_hinted_shape():
+    """weights/tiny-shapes-canny.safetensors loads strictly for the default model, fp16 with its
+    cldm config in the header, and puts the shape where the edges are (a few tuning-range scenes;
+    the full figures are `python -m training.shapes_controlnet evaluate`'s)."""
+    import statistics
+
+    from ldm.checkpoint import CONFIG_METADATA_KEY
+    from ldm.controlnet_loading import load_controlnet
+    from pipelines.control import ControlUnit
+    from pipelines.pipeline import Pipeline
+    from training.shapes.analyze import shape_mask
+    from training.shapes_controlnet import SHIPPED, TUNE_SEED, caption, canny_hint, free_scene, iou
+
+    if not SHIPPED.is_file():
+        pytest.skip(f"{SHIPPED} is not installed")
+    with safe_open(str(SHIPPED), "pt") as f:
+        assert CONFIG_METADATA_KEY in f.metadata()
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    pipe = Pipeline.from_checkpoint()
+    net = load_controlnet(SHIPPED, base=pipe.model.config)
+    scores = []
+    for s in range(TUNE_SEED, TUNE_SEED + 4):
+        spec = free_scene(random.Random(s))
+        scene = spec.render()
+        image = pipe.txt2img(caption(spec), control=[ControlUnit(model=net, image=canny_hint(scene))],
+                             seed=s, num_inference_steps=15, progress=False).images[0]
+        scores.append(iou(shape_mask(image), shape_mask(scene)))
+    assert statistics.median(scores) >= 0.75, scores
