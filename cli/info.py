@@ -97,7 +97,8 @@ def _controlnet_info(path: Path) -> tuple[Path, dict, str, list[str], str, list[
             config = found.config_source
         else:
             _, config = resolve_controlnet_config(None, found.file, state)
-            config_rules = infer_controlnet_config(state, path=found.file)[1]
+            if config.startswith("inferred"):  # a header or YAML config needs no shape rules
+                config_rules = infer_controlnet_config(state, path=found.file)[1]
     except (CheckpointError, ConfigError) as exc:
         config = f"none ({exc})"
     return found.file, state, family, rules, config, config_rules

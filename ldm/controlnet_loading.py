@@ -13,20 +13,22 @@ the base model when one is given, else from the family's rule (context width 768
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Mapping, NamedTuple
 
 import torch
 
-from .checkpoint import assert_materialised, cast_weights, check_keys
-from .config import ModelConfig, builtin_config
-from .controlnet_config import ControlNetConfig, builtin_cldm_config, load_cldm_config
+from .checkpoint import CONFIG_METADATA_KEY, assert_materialised, cast_weights, check_keys
+from .config import ConfigError, ModelConfig, builtin_config
+from .controlnet_config import (ControlNetConfig, builtin_cldm_config, load_cldm_config,
+                                parse_cldm_config)
 from .controlnet_diffusers import (DIFFUSERS_MARKERS, config_from_diffusers, from_diffusers,
                                   skeleton_config)
 from .infer_config import Shapes, attention_resolutions, head_rule, read_encoder, read_transformers
 from .modules.controlnet import STATE_PREFIX, ControlNet, strip_prefix
-from .weights_io import MappedFile, file_error, parse_dtype, read_weights
+from .weights_io import MappedFile, file_error, parse_dtype, read_safetensors_metadata, read_weights
 
 __all__ = ["load_controlnet", "infer_controlnet_config", "resolve_controlnet_config",
            "controlnet_family", "check_fits_base", "is_controlnet", "is_diffusers_controlnet",
@@ -138,11 +140,29 @@ def resolve_controlnet_config(config, path, state_dict: Mapping[str, torch.Tenso
         if text.endswith((".yaml", ".yml")) or os.sep in text or Path(text).is_file():
             return load_cldm_config(text)[1], f"config file {text}"
         return builtin_cldm_config(text)[1], f"built-in config {text}"
+    embedded = _embedded_cldm_config(path)
+    if embedded is not None:
+        return embedded, f"the file's {CONFIG_METADATA_KEY} header"
     cfg, _ = infer_controlnet_config(state_dict, base, path=path)
     if base is not None:
         return cfg, "inferred from the tensor shapes (heads from the base model)"
     family, name = FAMILIES[cfg.context_dim]
     return cfg, f"inferred from the tensor shapes ({family}; heads from built-in config {name})"
+
+
+def _embedded_cldm_config(path) -> ControlNetConfig | None:
+    """The ControlNet config a safetensors file carries in its header (a cldm tree as JSON, as
+    ``ldm train-controlnet`` writes it), or None."""
+    if path is None or Path(path).is_dir() or Path(path).suffix.lower() != ".safetensors":
+        return None
+    text = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        return parse_cldm_config(json.loads(text), f"its {CONFIG_METADATA_KEY} metadata")[1]
+    except (ValueError, ConfigError) as exc:
+        raise file_error(path, str(exc) if isinstance(exc, ConfigError)
+                         else f"its {CONFIG_METADATA_KEY} metadata is not valid JSON") from None
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -154,3 +154,18 @@ def test_broken_diffusers_layout_named(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         load_controlnet(path)
     assert one_line(exc) == f"{path}: diffusers-layout ControlNet without down_blocks.*"
+
+
+def test_the_shipped_controlnet_reads_its_config_from_its_header():
+    """Its text width (128) is no family's: without the header the heads could not be inferred."""
+    from ldm.controlnet_loading import resolve_controlnet_config
+    from ldm.resources import shipped_file
+    from ldm.modules.controlnet import strip_prefix
+    from ldm.weights_io import read_state_dict
+
+    path = shipped_file("weights", "tiny-shapes-canny.safetensors")
+    sd = strip_prefix(read_state_dict(path))
+    cfg, source = resolve_controlnet_config(None, path, sd)
+    assert source == "the file's ldm_config header"
+    net = load_controlnet(path)
+    assert net.config == cfg and cfg.context_dim == 128
