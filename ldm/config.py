@@ -514,12 +514,25 @@ def validate(cfg: ModelConfig, source: str = "config") -> None:
             bad(str(exc))
 
 
+# fields only SDXL-style models use: left out of a tree at their defaults, so SD1/SD2 trees (and
+# the headers of the files written with them) stay what they were
+_SGM_ONLY = {"ModelConfig": {"conditioner"},
+             "UNetConfig": {"transformer_depth_middle", "adm_in_channels"},
+             "TextEncoderConfig": {"layer_idx", "pooled", "legacy"}}
+
+
 def config_tree(cfg: ModelConfig) -> dict:
     """``cfg`` as a CompVis-style tree (what the YAML files hold) that :func:`parse_config` reads
     back to an equal config: every field written out, nothing left to a default."""
     def fields_of(obj, skip=()) -> dict:
-        return {f.name: list(v) if isinstance(v := getattr(obj, f.name), tuple) else v
-                for f in dataclasses.fields(obj) if f.name not in skip}
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name in skip or (f.name in _SGM_ONLY.get(type(obj).__name__, ())
+                                  and value == f.default):
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
     if cfg.conditioner is not None:
         return _sgm_tree(cfg, fields_of)
