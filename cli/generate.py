@@ -287,6 +287,10 @@ def run(args) -> int:
     with warnings.catch_warnings():
         # Library warnings (e.g. "image size rounded to a multiple of 8") become one-line notes.
         warnings.showwarning = lambda message, *rest, **kw: _note(args, str(message))
+        # deprecations inside libraries (numpy, diffusers) are for their developers, not notes
+        # for the user; Python hides them by default, test runners do not
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
         return _generate(args)
 
 
