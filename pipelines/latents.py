@@ -148,7 +148,10 @@ def img2img_latents(canvas: Canvas, schedule: Schedule, request: GenerationReque
     else:
         pixels = pre.image_to_tensor(request.image, canvas.height, canvas.width)
         init = encode_image(canvas, pixels)
-    latents = schedule.noised(init, canvas.noise())
+    if request.denoising_start is not None:  # another pass's latents, already at that noise level
+        latents = init
+    else:
+        latents = schedule.noised(init, canvas.noise())
     if canvas.model.config.is_inpainting:
         return Start(latents, concat=whole_image_condition(canvas))
     return Start(latents)

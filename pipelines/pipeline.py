@@ -216,7 +216,7 @@ class Pipeline:
                 return_latents: bool = False, callback=None, progress: bool = True,
                 control=(), subseed: int | None = None, subseed_strength: float = 0.0,
                 seed_resize_from_h: int = 0, seed_resize_from_w: int = 0,
-                hires=None, sdxl=None) -> GenerationResult:
+                hires=None, sdxl=None, denoising_end: float | None = None) -> GenerationResult:
         """Images from text."""
         return self._generate(_request("txt2img", locals()))
 
@@ -229,7 +229,8 @@ class Pipeline:
                 return_latents: bool = False, callback=None, progress: bool = True,
                 control=(), subseed: int | None = None, subseed_strength: float = 0.0,
                 seed_resize_from_h: int = 0, seed_resize_from_w: int = 0,
-                sdxl=None) -> GenerationResult:
+                sdxl=None, denoising_end: float | None = None,
+                denoising_start: float | None = None) -> GenerationResult:
         """Redraw ``image``: ``strength`` 0 keeps it, 1 replaces it."""
         return self._generate(_request("img2img", locals()))
 
@@ -323,9 +324,20 @@ class Pipeline:
         steps = request.num_inference_steps
         sched.set_timesteps(steps, device=self.device)
         timesteps, begin = sched.timesteps, 0
-        if request.mode != "txt2img":
+        total = cfg.timesteps
+        if request.denoising_start is not None:  # diffusers' rule: the timesteps below the cutoff
+            cutoff = int(round(total - request.denoising_start * total))
+            count = int((timesteps < cutoff).sum())
+            if sched.order == 2 and count % 2 == 0:  # a second-order step is not cut in half
+                count += 1
+            begin = len(timesteps) - count
+            timesteps = timesteps[begin:]
+        elif request.mode != "txt2img":
             begin = (steps - min(int(steps * request.strength), steps)) * sched.order
             timesteps = timesteps[begin:]
+        if request.denoising_end is not None:  # diffusers' rule: the timesteps at or above it
+            cutoff = int(round(total - request.denoising_end * total))
+            timesteps = timesteps[:int((timesteps >= cutoff).sum())]
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(begin)  # lets the scheduler skip its host-side timestep lookup
         return Schedule(sched, timesteps, step_kwargs(sched, generators, request.eta))

@@ -67,6 +67,10 @@ PARAMETERS = {
     "seed_resize_from_h": "draw the seed's noise as for this height (pixels) and paste it centred "
                           "(0 = off), keeping a composition when the size changes",
     "seed_resize_from_w": "the width for seed_resize_from_h",
+    "denoising_end": "txt2img/img2img: stop when this fraction of the training schedule is denoised "
+                     "(diffusers' denoising_end; hand the latents to a refiner); None: run to the end",
+    "denoising_start": "img2img: continue another pipeline's latents from this fraction of the "
+                       "schedule, adding no noise (diffusers' denoising_start; strength is unused)",
     "control": "ControlNet unit(s): pipelines.control.ControlUnit (model, hint image, weight, "
                "guidance start/end, control and resize mode, preprocessor); their residuals add up",
     "sdxl": "SDXL's size, crop and aesthetic-score conditioning: a pipelines.sdxl.SizeConditioning "
@@ -110,6 +114,8 @@ class GenerationRequest:
     seed_resize_from_h: int = 0
     seed_resize_from_w: int = 0
     hires: object | None = None  # pipelines.hires.HiresFix
+    denoising_end: float | None = None
+    denoising_start: float | None = None
     sdxl: SizeConditioning | None = None
 
     def __post_init__(self):
@@ -150,6 +156,13 @@ class GenerationRequest:
         check_number(self.clip_skip, "clip_skip", 0, integer=True)  # the upper bound is the model's
         check_number(self.mask_blur, "mask_blur", 0, integer=True)
         check_number(self.subseed_strength, "subseed_strength", 0, 1)
+        for name in ("denoising_end", "denoising_start"):
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name, 0, 1)
+        if self.denoising_end is not None and self.mode == "inpaint":
+            raise ValueError("denoising_end is for txt2img and img2img")
+        if self.denoising_start is not None and self.mode != "img2img":
+            raise ValueError("denoising_start is for img2img (continuing another pass's latents)")
         if self.subseed is not None:
             check_number(self.subseed, "subseed", 0, MAX_SEED + 1 - self.batch, integer=True)
         for name in ("seed_resize_from_h", "seed_resize_from_w"):

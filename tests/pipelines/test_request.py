@@ -82,9 +82,10 @@ def test_entry_points_take_the_request_fields_with_their_defaults(mode):
             assert p.default == fields[name].default, name
         assert name in getattr(Pipeline, mode).__doc__ and name in PARAMETERS
     unused = set(fields) - set(params) - {"mode"}
-    expected = {"txt2img": {"image", "strength", "mask", "mask_blur", "inpainting_fill"},
+    expected = {"txt2img": {"image", "strength", "mask", "mask_blur", "inpainting_fill",
+                            "denoising_start"},
                 "img2img": {"mask", "mask_blur", "hires", "inpainting_fill"},
-                "inpaint": {"hires"}}[mode]
+                "inpaint": {"hires", "denoising_end", "denoising_start"}}[mode]
     assert unused == expected
 
 
