@@ -31,6 +31,13 @@ def add_options(p: argparse.ArgumentParser, command: str) -> None:
         h.add_argument("--hr-sampler", metavar="NAME", help="the second pass's scheduler")
         h.add_argument("--hr-prompt", metavar="TEXT", help="the second pass's prompt")
         h.add_argument("--hr-negative-prompt", metavar="TEXT")
+        r = p.add_argument_group("refiner (a second model finishes the denoising)")
+        r.add_argument("--refiner", metavar="PATH",
+                       help="a checkpoint (e.g. SDXL's refiner) that takes the still-noisy latents "
+                            "over at --refiner-switch and finishes them (A1111's Refiner)")
+        r.add_argument("--refiner-switch", type=number(float, 0.0, 1.0), default=0.8, metavar="F",
+                       help="the fraction of the schedule after which the refiner takes over "
+                            "(default: 0.8; diffusers' denoising_end / denoising_start)")
     a = p.add_argument_group("styles and saved parameters")
     a.add_argument("--style", action="append", default=[], metavar="NAME",
                    help="apply a saved style (repeatable): its prompt replaces {prompt} in it, or "
@@ -57,6 +64,34 @@ def hires_from(args):
                         negative_prompt=args.hr_negative_prompt)
     except ValueError as exc:
         raise UsageError(f"hires fix: {exc}") from None
+
+
+def check_refiner(args) -> None:
+    if not getattr(args, "refiner", None):
+        return
+    if not Path(args.refiner).exists():
+        raise CommandError(f"refiner {args.refiner}: no such file")
+    if hires_from(args) is not None:
+        raise UsageError("--refiner and the hires fix (--hr-*) cannot be combined")
+
+
+def refined(base, refiner, prompt, kwargs: dict, switch: float):
+    """The base's txt2img stopped at ``switch``, finished by ``refiner``'s img2img from there; the
+    parameters are the base's, with A1111's Refiner fields."""
+    import dataclasses
+
+    from ldm.weights_io import file_hash
+
+    first = base.txt2img(prompt, **dict(kwargs, output_type="latent", denoising_end=switch))
+    used = first.parameters[0]
+    second = refiner.img2img(prompt, first.latents, denoising_start=switch, seed=first.seeds[0],
+                             negative_prompt=kwargs.get("negative_prompt", ""),
+                             num_inference_steps=used["steps"], guidance_scale=used["cfg_scale"],
+                             scheduler=used["sampler"], num_images=kwargs.get("num_images", 1),
+                             eta=kwargs.get("eta", 0.0), progress=kwargs.get("progress", True))
+    label = f"{refiner.model_name} [{file_hash(refiner.model_path)[:10]}]"
+    params = [dict(p, **{"Refiner": label, "Refiner switch at": switch}) for p in first.parameters]
+    return dataclasses.replace(second, seeds=first.seeds, parameters=params)
 
 
 # ---------------------------------------------------------------- styles

@@ -314,6 +314,7 @@ def _generate(args) -> int:
     prompts = [args.prompt] if args.from_file is None else _read_prompts(args.from_file)
     prompts = a1111_args.apply_styles(args, prompts)
     hires = {"hires": a1111_args.hires_from(args)} if args.command == "txt2img" else {}
+    a1111_args.check_refiner(args)
     n = args.num_images
     paths = _output_paths(args, len(prompts) * n)
     extra = _image_inputs(args)
@@ -329,6 +330,13 @@ def _generate(args) -> int:
     for unit in units:  # a ControlNet for another model is refused before any image is made
         pipe.controlnet(unit.model)
     generate = getattr(pipe, args.command)
+    if getattr(args, "refiner", None):  # base then refiner, per prompt
+        from pipelines.pipeline import Pipeline
+
+        refiner = Pipeline.from_checkpoint(args.refiner, device=args.device, dtype=args.dtype,
+                                           attention=args.attention)
+        generate = lambda prompt, **kw: a1111_args.refined(  # noqa: E731
+            pipe, refiner, prompt, kw, args.refiner_switch)
     steps = pipe.sampling_settings(args.steps).num_inference_steps
     if "strength" in extra and int(steps * args.strength) == 0:
         # diffusers' img2img rule: only the last int(steps * strength) timesteps run
