@@ -123,6 +123,7 @@ def sdxl_conditioning(model, prompts: list[str], negatives: list[str], clip_skip
     """(context, y) of every image: rows [uncond, cond] with guidance, else cond."""
     cfg = model.conditioner.config
     sizes = sizes or SizeConditioning()
+    prompts, negatives = list(prompts), list(negatives)  # the request holds tuples
     if len(negatives) == 1:
         negatives = negatives * len(prompts)
     if len(negatives) != len(prompts):

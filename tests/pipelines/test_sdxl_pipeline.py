@@ -207,3 +207,13 @@ def test_size_conditioning_on_an_sd1_model_is_refused():
     pipe = Pipeline(random_model("sd1"), device="cpu")
     with pytest.raises(ValueError, match="is for SDXL models"):
         pipe.txt2img("a cat", sdxl={"target_size": (64, 64)}, num_inference_steps=1, progress=False)
+
+
+def test_guidance_off_matches_diffusers(sides):
+    """guidance_scale 1: only the conditional half is encoded and run (no negative prompt)."""
+    side = sides("sdxl")
+    kw = dict(num_inference_steps=STEPS, guidance_scale=1.0, height=SIZE, width=SIZE)
+    ours = side.ours.txt2img(PROMPT, scheduler="euler", seed=SEED, progress=False, **kw)
+    theirs = side.reference("euler")(PROMPT, generator=torch.Generator("cpu").manual_seed(SEED),
+                                     **kw).images[0]
+    assert_close(ours.images[0], theirs)
