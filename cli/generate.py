@@ -75,6 +75,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="attention kernel (default: sdpa; xformers falls back to sdpa when unusable)")
     m.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (kohya or diffusers file) at SCALE (default 1); repeatable")
+    m.add_argument("--vae", metavar="PATH",
+                   help="a separate autoencoder (VAE file, a checkpoint's, or a diffusers vae/ "
+                        "folder) instead of the checkpoint's own (A1111's 'SD VAE')")
     m.add_argument("--embeddings-dir", metavar="DIR",
                    help="textual-inversion files (.pt/.safetensors) whose file names become prompt "
                         "words (default: embeddings/ beside the checkpoint)")
@@ -184,6 +187,8 @@ def _check_model_args(args) -> None:
     for path, _ in args.lora:
         if not Path(path).is_file():
             raise CommandError(f"LoRA {path}: no such file")
+    if args.vae is not None and not Path(args.vae).exists():
+        raise CommandError(f"VAE {args.vae}: no such file")
     if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
         raise CommandError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
     if args.config is not None:
@@ -271,6 +276,8 @@ def _load_pipeline(args):
                                     prediction=args.prediction, scheduler=args.scheduler)
     if args.embeddings_dir:
         pipe.embeddings_dir = Path(args.embeddings_dir)
+    if args.vae:
+        pipe.load_vae(args.vae)
     if args.vae_tiling:
         pipe.enable_vae_tiling(True)
     if args.lora:

@@ -114,6 +114,7 @@ class Pipeline:
         self.model_path: str | None = None
         # textual-inversion words: files in embeddings_dir (loaded when a prompt uses their
         # stem) and those added with load_embedding
+        self.vae_path: str | None = None  # a separate autoencoder in use (load_vae)
         self.embeddings_dir: Path | None = None
         self.embeddings: dict[str, object] = {}
         # ControlNets by resolved path, placed like the model; where names are looked up
@@ -374,6 +375,15 @@ class Pipeline:
                               self.device, self.dtype)
         return ControlStack(units, steps)
 
+    # ------------------------------------------------------------------ a separate autoencoder
+    def load_vae(self, path) -> None:
+        """Use the autoencoder weights of ``path`` (A1111's "SD VAE": a VAE file, a checkpoint's
+        autoencoder, or a diffusers ``vae/`` folder); one of another shape is refused."""
+        from ldm.vae_file import load_vae_into
+
+        load_vae_into(self.model, path)
+        self.vae_path = str(path)
+
     # ------------------------------------------------------------------ textual inversion
     def load_embedding(self, path, name: str | None = None) -> str:
         """Make an embedding file's vectors a prompt word (its file stem unless ``name`` is
@@ -464,6 +474,13 @@ class Pipeline:
         if request.seed_resize_from_h:
             common["Seed resize from"] = f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
         common.update(self._lora_parameters())
+        if self.vae_path:  # A1111's fields for a separate VAE
+            vae = Path(self.vae_path)
+            if vae.is_file():
+                from ldm.weights_io import file_hash
+
+                common["VAE hash"] = file_hash(vae)[:10]
+            common["VAE"] = vae.name
         used = self.embeddings_in(request)
         if used:  # A1111's "TI hashes": the first 12 hex digits of each file's sha256
             from ldm.weights_io import file_hash
