@@ -23,7 +23,7 @@ from torch import nn
 from pipelines.validate import check_number
 
 from .engine import Engine, PerStep, RunSettings, Schedule, Summary, Task, TrainingError, weight_dtype
-from .loss import DiffusionLoss, draw_noise, draw_timesteps, randn
+from .loss import DiffusionLoss, noised_batch
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -158,23 +158,10 @@ class ControlLoss:
         self.model, self.device, self.noise_offset = model, device, settings.noise_offset
         self.diffusion = DiffusionLoss(model.alphas_cumprod, model.prediction, settings.min_snr_gamma)
 
-    def _posterior(self, batch: dict):
-        if "pixels" not in batch:
-            return batch["mean"].to(self.device), batch["std"].to(self.device)
-        vae = self.model.first_stage_model
-        posterior = vae.encode(batch["pixels"].to(self.device, next(vae.parameters()).dtype))
-        return posterior.mean.float(), posterior.std.float()
-
     def __call__(self, module, batch: dict, gen: torch.Generator) -> torch.Tensor:
-        from ldm.model import posterior_latents
-
         model, device = self.model, self.device
-        with torch.no_grad():  # the draws in LoRA's order: posterior sample, noise, timesteps
-            mean, std = self._posterior(batch)
-            z = posterior_latents(mean, std, randn(mean.shape, gen, device), model.scale_factor)
-            noise = draw_noise(z.shape, gen, device, self.noise_offset)
-            t = draw_timesteps(z.shape[0], model.config.timesteps, gen, device)
-            x_t, target = self.diffusion.noised(z, t, noise)
+        x_t, t, target = noised_batch(model, self.diffusion, batch, gen, device, self.noise_offset)
+        with torch.no_grad():
             context = model.cond_stage_model(model.tokenize(batch["caption"]).to(device))
         pred = module(x_t, t, context, batch["hint"].to(device))
         return self.diffusion(pred, target, t)

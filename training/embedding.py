@@ -30,7 +30,7 @@ from torch import nn
 from pipelines.validate import check_number
 
 from .engine import Engine, PerStep, RunSettings, Schedule, Summary, Task, TrainingError, weight_dtype
-from .loss import DiffusionLoss, draw_noise, draw_timesteps, randn
+from .loss import DiffusionLoss, noised_batch
 
 STATE_FILE = "embedding.safetensors"  # the vectors inside a training state
 OUTPUT_SUFFIXES = (".safetensors", ".pt")
@@ -232,23 +232,10 @@ class InversionLoss:
             mask[r, j] = True
         return ids, mask, torch.tensor(rows, dtype=torch.long)
 
-    def _posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if "pixels" not in batch:
-            return batch["mean"].to(self.device), batch["std"].to(self.device)
-        vae = self.model.first_stage_model
-        posterior = vae.encode(batch["pixels"].to(self.device, next(vae.parameters()).dtype))
-        return posterior.mean.float(), posterior.std.float()
-
     def __call__(self, inversion, batch: dict, gen: torch.Generator) -> torch.Tensor:
-        from ldm.model import posterior_latents
-
         model, device = self.model, self.device
+        x_t, t, target = noised_batch(model, self.diffusion, batch, gen, device)
         with torch.no_grad():
-            mean, std = self._posterior(batch)
-            z = posterior_latents(mean, std, randn(mean.shape, gen, device), model.scale_factor)
-            noise = draw_noise(z.shape, gen, device)
-            t = draw_timesteps(z.shape[0], model.config.timesteps, gen, device)
-            x_t, target = self.diffusion.noised(z, t, noise)
             ids, mask, rows = self.token_inputs(batch["caption"])
         pred = inversion(x_t, t, ids.to(device), mask.to(device), rows.to(device))
         return self.diffusion(pred, target, t)

@@ -19,7 +19,7 @@ from torch import nn
 from pipelines.validate import check_number
 
 from .engine import Engine, PerStep, RunSettings, Schedule, Summary, Task, TrainingError, weight_dtype
-from .loss import DiffusionLoss, draw_noise, draw_timesteps, randn
+from .loss import DiffusionLoss, noised_batch
 
 ADAPTER = "default"
 ADAPTER_FILE = "lora.safetensors"
@@ -189,23 +189,10 @@ class LoraLoss:
         self.noise_offset = settings.noise_offset
         self.diffusion = DiffusionLoss(model.alphas_cumprod, model.prediction, settings.min_snr_gamma)
 
-    def _posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if "pixels" not in batch:
-            return batch["mean"].to(self.device), batch["std"].to(self.device)
-        vae = self.model.first_stage_model
-        posterior = vae.encode(batch["pixels"].to(self.device, next(vae.parameters()).dtype))
-        return posterior.mean.float(), posterior.std.float()
-
     def __call__(self, denoiser, batch: dict, gen: torch.Generator) -> torch.Tensor:
-        from ldm.model import posterior_latents
-
         model, device = self.model, self.device
+        x_t, t, target = noised_batch(model, self.diffusion, batch, gen, device, self.noise_offset)
         with torch.no_grad():
-            mean, std = self._posterior(batch)
-            z = posterior_latents(mean, std, randn(mean.shape, gen, device), model.scale_factor)
-            noise = draw_noise(z.shape, gen, device, self.noise_offset)
-            t = draw_timesteps(z.shape[0], model.config.timesteps, gen, device)
-            x_t, target = self.diffusion.noised(z, t, noise)
             tokens = model.tokenize(batch["caption"]).to(device)
             context = None if self.train_text else model.cond_stage_model(tokens)
         pred = denoiser(x_t, t, tokens=tokens if self.train_text else None, context=context)

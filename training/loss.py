@@ -34,6 +34,31 @@ def draw_timesteps(count: int, timesteps: int, gen: torch.Generator, device) -> 
     return torch.randint(0, timesteps, (count,), generator=gen).to(device)
 
 
+def posterior(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The autoencoder posterior (mean, std) of a batch: cached (``mean``/``std``) or encoded
+    from its ``pixels``, in float32."""
+    if "pixels" not in batch:
+        return batch["mean"].to(device), batch["std"].to(device)
+    vae = model.first_stage_model
+    encoded = vae.encode(batch["pixels"].to(device, next(vae.parameters()).dtype))
+    return encoded.mean.float(), encoded.std.float()
+
+
+@torch.no_grad()
+def noised_batch(model, diffusion: "DiffusionLoss", batch: dict, gen: torch.Generator, device,
+                 noise_offset: float = 0.0):
+    """(x_t, t, target) of a latent-diffusion training batch, drawn in the trainers' order:
+    the posterior sample, the noise (offset noise after it), then the timesteps."""
+    from ldm.model import posterior_latents
+
+    mean, std = posterior(model, batch, device)
+    z = posterior_latents(mean, std, randn(mean.shape, gen, device), model.scale_factor)
+    noise = draw_noise(z.shape, gen, device, noise_offset)
+    t = draw_timesteps(z.shape[0], model.config.timesteps, gen, device)
+    x_t, target = diffusion.noised(z, t, noise)
+    return x_t, t, target
+
+
 @dataclass(frozen=True)
 class DiffusionLoss:
     """The noising of x_0 and the loss of the UNet's output, for one noise schedule."""
