@@ -34,3 +34,16 @@ def number(kind: type = float, low: float | None = None, high: float | None = No
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return parse
+
+
+def settings_from(args: argparse.Namespace, settings_class):
+    """A trainer's settings dataclass from the parsed options of the same names (fields without
+    an option keep their defaults); a broken rule of the settings is a usage error."""
+    import dataclasses
+
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class)
+              if hasattr(args, f.name)}
+    try:
+        return settings_class(**fields)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

@@ -8,7 +8,7 @@ instant. Errors end as one ``error:`` line.
 """
 from __future__ import annotations
 
-from cli.args import Parser, UsageError, number
+from cli.args import Parser, number, settings_from as args_settings
 
 
 def build_parser(prog: str = "ldm train-controlnet") -> Parser:
@@ -76,16 +76,9 @@ def build_parser(prog: str = "ldm train-controlnet") -> Parser:
 
 def settings_from(args):
     """The parsed options as checked :class:`training.controlnet.ControlNetSettings`."""
-    import dataclasses
-
     from training.controlnet import ControlNetSettings
 
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ControlNetSettings)
-              if hasattr(args, f.name)}  # latents_file is for recipes
-    try:
-        return ControlNetSettings(**fields)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    return args_settings(args, ControlNetSettings)
 
 
 def run(argv: list[str]) -> int:

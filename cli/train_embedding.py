@@ -7,7 +7,7 @@ only then, so ``--help`` stays instant). Errors end as one ``error:`` line.
 """
 from __future__ import annotations
 
-from cli.args import Parser, UsageError, number
+from cli.args import Parser, number, settings_from as args_settings
 
 
 def build_parser(prog: str = "ldm train-embedding") -> Parser:
@@ -72,15 +72,9 @@ def build_parser(prog: str = "ldm train-embedding") -> Parser:
 
 def settings_from(args):
     """The parsed options as checked :class:`training.embedding.EmbeddingSettings`."""
-    import dataclasses
-
     from training.embedding import EmbeddingSettings
 
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(EmbeddingSettings)}
-    try:
-        return EmbeddingSettings(**fields)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    return args_settings(args, EmbeddingSettings)
 
 
 def run(argv: list[str]) -> int:

@@ -7,7 +7,7 @@ checks the options, builds a :class:`training.lora.LoraSettings` and hands it to
 """
 from __future__ import annotations
 
-from cli.args import Parser, UsageError, number
+from cli.args import Parser, number, settings_from as args_settings
 
 
 def build_parser(prog: str = "ldm train-lora") -> Parser:
@@ -104,17 +104,10 @@ def _state_options(c) -> None:
 
 
 def settings_from(args):
-    """The parsed options as checked :class:`training.lora.LoraSettings` (a broken rule is a
-    usage error)."""
-    import dataclasses
-
+    """The parsed options as checked :class:`training.lora.LoraSettings`."""
     from training.lora import LoraSettings
 
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(LoraSettings)}
-    try:
-        return LoraSettings(**fields)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    return args_settings(args, LoraSettings)
 
 
 def run(argv: list[str]) -> int:
