@@ -78,3 +78,16 @@ def load_vae_into(model, path) -> str:
         for key, target in vae.state_dict().items():
             target.copy_(state[key].to(device=param.device, dtype=target.dtype))
     return layout
+
+
+def fp16_safe(path) -> bool:
+    """Whether a VAE says it decodes in float16 without overflowing: a diffusers folder (or a
+    file beside its ``config.json``) with ``force_upcast: false``, as the fp16-fix VAEs have."""
+    import json
+
+    path = Path(path)
+    config = path / "config.json" if path.is_dir() else path.with_name("config.json")
+    try:
+        return json.loads(config.read_text()).get("force_upcast") is False
+    except (OSError, ValueError, AttributeError):
+        return False

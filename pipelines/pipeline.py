@@ -109,6 +109,10 @@ class Pipeline:
         from .offload import place_model
 
         self.model, self.speed = place_model(model, self.device, self.dtype, speed)
+        if self.model.config.is_sdxl and self.dtype == torch.float16:
+            # SDXL's stock autoencoder overflows in float16: decode in float32 from the start
+            # (diffusers' force_upcast); a VAE made for float16 is put back by load_vae
+            self.model.first_stage_model.to(torch.float32)
         self.attention = model.set_attention_backend(attention)
         self.model_name = model_name
         self.model_path: str | None = None
@@ -379,10 +383,12 @@ class Pipeline:
     def load_vae(self, path) -> None:
         """Use the autoencoder weights of ``path`` (A1111's "SD VAE": a VAE file, a checkpoint's
         autoencoder, or a diffusers ``vae/`` folder); one of another shape is refused."""
-        from ldm.vae_file import load_vae_into
+        from ldm.vae_file import fp16_safe, load_vae_into
 
         load_vae_into(self.model, path)
         self.vae_path = str(path)
+        if self.dtype == torch.float16 and fp16_safe(path):  # e.g. sdxl-vae-fp16-fix
+            self.model.first_stage_model.to(torch.float16)
 
     # ------------------------------------------------------------------ textual inversion
     def load_embedding(self, path, name: str | None = None) -> str:

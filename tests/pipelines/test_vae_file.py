@@ -92,3 +92,22 @@ def test_an_autoencoder_of_another_shape_is_refused(tmp_path):
         _target().load_vae(tmp_path / "junk.safetensors")
     with pytest.raises(CheckpointError, match="no such file"):
         _target().load_vae(tmp_path / "none.safetensors")
+
+
+def test_sdxl_decodes_in_float32_unless_the_vae_is_made_for_float16(tmp_path):
+    """diffusers' force_upcast: SDXL's stock VAE overflows in fp16, the fp16-fix VAE does not."""
+    import json
+
+    from reference.sdxl import random_sdxl_model
+
+    pipe = Pipeline(random_sdxl_model("sdxl"), device="cpu", dtype="fp16")
+    assert next(pipe.model.first_stage_model.parameters()).dtype == torch.float32
+    assert next(pipe.model.unet.parameters()).dtype == torch.float16
+    vae = {k: v.float().contiguous() for k, v in pipe.model.first_stage_model.state_dict().items()}
+    (tmp_path / "fix").mkdir()
+    save_file(vae, tmp_path / "fix" / "vae.safetensors")
+    (tmp_path / "fix" / "config.json").write_text(json.dumps({"force_upcast": False}))
+    pipe.load_vae(tmp_path / "fix" / "vae.safetensors")
+    assert next(pipe.model.first_stage_model.parameters()).dtype == torch.float16
+    sd1 = Pipeline(dp.random_model("sd1"), device="cpu", dtype="fp16")
+    assert next(sd1.model.first_stage_model.parameters()).dtype == torch.float16
