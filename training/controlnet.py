@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipelines.validate import check_number
 
 from .engine import Engine, PerStep, RunSettings, Schedule, Summary, Task, TrainingError, weight_dtype
+from .settings import as_paths, check_fields
 from .loss import DiffusionLoss, noised_batch
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -80,19 +80,12 @@ class ControlNetSettings:
     quiet: bool = False
 
     def __post_init__(self):
-        for name in ("data", "output", "checkpoint", "config", "checkpoints_dir", "latents_file"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(value))
+        as_paths(self, ("data", "output", "checkpoint", "config", "checkpoints_dir", "latents_file"))
         object.__setattr__(self, "validation_prompt", tuple(self.validation_prompt))
         object.__setattr__(self, "validation_image", tuple(Path(p) for p in self.validation_image))
-        for name, low, high, integer, strict in _NUMBERS:
-            if getattr(self, name) is not None:
-                check_number(getattr(self, name), name, low, high, integer=integer, strict_low=strict)
-        for name, allowed in (("lr_scheduler", LR_SCHEDULERS), ("mixed_precision", MIXED_PRECISIONS),
-                              ("save_precision", SAVE_PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        check_fields(self, _NUMBERS, (("lr_scheduler", LR_SCHEDULERS),
+                                      ("mixed_precision", MIXED_PRECISIONS),
+                                      ("save_precision", SAVE_PRECISIONS)))
         self._check_combinations()
 
     def _check_combinations(self) -> None:
