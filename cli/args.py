@@ -47,3 +47,15 @@ def settings_from(args: argparse.Namespace, settings_class):
         return settings_class(**fields)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def add_state_options(group) -> None:
+    """The resumable-state options every training command has (the engine's states)."""
+    group.add_argument("--checkpointing-steps", type=number(int, 1), default=500, metavar="N",
+                       help="save a resumable state every N steps (default: 500)")
+    group.add_argument("--checkpoints-total-limit", type=number(int, 1), metavar="N",
+                       help="keep only the newest N states (default: all)")
+    group.add_argument("--checkpoints-dir", metavar="DIR",
+                       help="where states go (default: <output>-checkpoints next to the output)")
+    group.add_argument("--resume", metavar="latest|PATH",
+                       help="continue from the newest state (latest) or a state folder")

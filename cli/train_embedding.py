@@ -7,7 +7,7 @@ only then, so ``--help`` stays instant). Errors end as one ``error:`` line.
 """
 from __future__ import annotations
 
-from cli.args import Parser, number, settings_from as args_settings
+from cli.args import Parser, add_state_options, number, settings_from as args_settings
 
 
 def build_parser(prog: str = "ldm train-embedding") -> Parser:
@@ -54,13 +54,7 @@ def build_parser(prog: str = "ldm train-embedding") -> Parser:
     d.add_argument("--cache-latents", action="store_true", help="encode every image once first")
     d.add_argument("--num-workers", type=number(int, 0), default=0, metavar="N")
     c = p.add_argument_group("checkpoints and validation")
-    c.add_argument("--checkpointing-steps", type=number(int, 1), default=500, metavar="N",
-                   help="save a resumable state every N steps (default: 500)")
-    c.add_argument("--checkpoints-total-limit", type=number(int, 1), metavar="N")
-    c.add_argument("--checkpoints-dir", metavar="DIR",
-                   help="where states go (default: <output>-checkpoints next to the output)")
-    c.add_argument("--resume", metavar="latest|PATH",
-                   help="continue from the newest state (latest) or a state folder")
+    add_state_options(c)
     c.add_argument("--validation-prompt", action="append", default=[], metavar="TEXT",
                    help="draw this prompt (repeatable; may use the word) every --validation-steps")
     c.add_argument("--validation-steps", type=number(int, 1), default=100, metavar="N")

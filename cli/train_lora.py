@@ -7,7 +7,7 @@ checks the options, builds a :class:`training.lora.LoraSettings` and hands it to
 """
 from __future__ import annotations
 
-from cli.args import Parser, number, settings_from as args_settings
+from cli.args import Parser, add_state_options, number, settings_from as args_settings
 
 
 def build_parser(prog: str = "ldm train-lora") -> Parser:
@@ -87,14 +87,7 @@ def _data_options(d) -> None:
 
 
 def _state_options(c) -> None:
-    c.add_argument("--checkpointing-steps", type=number(int, 1), default=500, metavar="N",
-                   help="save a resumable state every N steps (default: 500)")
-    c.add_argument("--checkpoints-total-limit", type=number(int, 1), metavar="N",
-                   help="keep only the newest N states (default: all)")
-    c.add_argument("--checkpoints-dir", metavar="DIR",
-                   help="where states go (default: <output>-checkpoints next to the output)")
-    c.add_argument("--resume", metavar="latest|PATH",
-                   help="continue from the newest state (latest) or a state folder")
+    add_state_options(c)
     c.add_argument("--validation-prompt", action="append", default=[], metavar="TEXT",
                    help="draw this prompt (repeatable) every --validation-steps steps")
     c.add_argument("--validation-steps", type=number(int, 1), default=100, metavar="N")
