@@ -280,10 +280,8 @@ def _load_pipeline(args):
         pipe.load_vae(args.vae)
     if args.vae_tiling:
         pipe.enable_vae_tiling(True)
-    if args.lora:
-        from ldm.lora import apply_lora
-        for path, scale in args.lora:
-            apply_lora(pipe.model, path, scale=scale)
+    for path, scale in args.lora or ():
+        pipe.load_lora(path, scale=scale)  # with the embeddings a LoRA file brings
     return pipe
 
 

@@ -51,6 +51,9 @@ def build_parser(prog: str = "ldm train-embedding") -> Parser:
     d.add_argument("--resolution", type=number(int, 8), metavar="PX",
                    help="training size, a multiple of 8 (default: the model's)")
     d.add_argument("--flip", action="store_true", help="mirror images at random")
+    d.add_argument("--template", metavar="FILE",
+                   help="A1111 prompt template: each step's caption is a random line of FILE, "
+                        "[name] the word and [filewords] the image's own caption")
     d.add_argument("--cache-latents", action="store_true", help="encode every image once first")
     d.add_argument("--num-workers", type=number(int, 0), default=0, metavar="N")
     c = p.add_argument_group("checkpoints and validation")

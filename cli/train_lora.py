@@ -14,7 +14,9 @@ def build_parser(prog: str = "ldm train-lora") -> Parser:
     p = Parser(prog=prog, description="Fine-tune a LoRA on a folder of images with captions "
                "(name.png + name.txt, or a diffusers metadata.jsonl) and write it as a kohya-format "
                ".safetensors file that diffusers, A1111 and ComfyUI load.")
-    p.add_argument("--data", required=True, metavar="DIR", help="training images and captions")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="training images and captions (kohya's N_name sub-folders repeat their "
+                        "images N times)")
     p.add_argument("--output", required=True, metavar="FILE.safetensors", help="the LoRA file to write")
     m = p.add_argument_group("base model")
     m.add_argument("--checkpoint", metavar="PATH",
@@ -39,6 +41,14 @@ def _adapter_options(a) -> None:
                         "as diffusers spells them (default: attention)")
     a.add_argument("--train-text-encoder", action="store_true",
                    help="adapt the text encoder too (text-attention unless --targets names text layers)")
+    a.add_argument("--token", metavar="WORD",
+                   help="pivotal tuning: learn new vectors for this caption word together with the "
+                        "LoRA (captions without it get it in front); written beside the LoRA as "
+                        "<output>_emb.safetensors and loaded with it")
+    a.add_argument("--init-word", metavar="WORD",
+                   help="the --token vectors start as this word's (default: the token's own)")
+    a.add_argument("--vectors", type=number(int, 1), default=1, metavar="N",
+                   help="vectors of the --token word (default: 1)")
 
 
 def _optimisation_options(o) -> None:
@@ -47,9 +57,17 @@ def _optimisation_options(o) -> None:
     o.add_argument("--learning-rate", type=number(float, 0, strict_low=True), default=1e-4,
                    metavar="LR", help="AdamW learning rate (default: 1e-4)")
     o.add_argument("--lr-scheduler", default="constant",
-                   choices=("constant", "constant_with_warmup", "linear", "cosine"),
-                   help="learning-rate schedule (default: constant)")
-    o.add_argument("--lr-warmup-steps", type=number(int, 0), default=0, metavar="N")
+                   choices=("constant", "constant_with_warmup", "linear", "cosine",
+                            "cosine_with_restarts"),
+                   help="learning-rate schedule, as diffusers' get_scheduler (default: constant)")
+    o.add_argument("--lr-warmup-steps", type=number(int, 0), default=0, metavar="N",
+                   help="steps of linear warm-up from 0 (default: 0)")
+    o.add_argument("--lr-num-cycles", type=number(int, 1), default=1, metavar="N",
+                   help="hard restarts of cosine_with_restarts (default: 1)")
+    o.add_argument("--text-encoder-lr", type=number(float, 0, strict_low=True), metavar="LR",
+                   help="learning rate of the text encoder's LoRA (default: --learning-rate)")
+    o.add_argument("--embedding-lr", type=number(float, 0, strict_low=True), metavar="LR",
+                   help="learning rate of the --token vectors (default: --learning-rate)")
     o.add_argument("--weight-decay", type=number(float, 0), default=1e-2, metavar="W")
     o.add_argument("--batch-size", type=number(int, 1), default=1, metavar="B",
                    help="images per step and process (default: 1)")
@@ -75,7 +93,19 @@ def _data_options(d) -> None:
                         "preservation, as kohya's reg_data_dir): mixed into the stream so that the "
                         "LoRA keeps what the base model drew for their captions")
     d.add_argument("--prior-loss-weight", type=number(float, 0), default=1.0, metavar="W",
-                   help="loss weight of the --reg-data images (default: 1.0)")
+                   help="loss weight of the --reg-data or class images (default: 1.0)")
+    d.add_argument("--class-prompt", action="append", default=[], metavar="TEXT",
+                   help="DreamBooth prior preservation without a folder: the base model draws "
+                        "--num-class-images images of this prompt (repeatable: the prompts in turn) "
+                        "and trains them alongside, captioned with their prompt")
+    d.add_argument("--num-class-images", type=number(int, 1), default=100, metavar="N",
+                   help="class images to draw (default: 100)")
+    d.add_argument("--class-data", metavar="DIR",
+                   help="where the class images are kept and reused (default: <output>-class-images)")
+    d.add_argument("--shuffle-caption", action="store_true",
+                   help="shuffle the comma-separated parts of each caption every time (kohya)")
+    d.add_argument("--keep-tokens", type=number(int, 0), default=0, metavar="N",
+                   help="with --shuffle-caption: the first N parts stay in front (default: 0)")
     d.add_argument("--caption-dropout", type=number(float, 0, 1), default=0.0, metavar="P",
                    help="probability of training on the empty caption (default: 0)")
     d.add_argument("--flip", action="store_true", help="mirror images at random")

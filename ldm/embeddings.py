@@ -129,3 +129,34 @@ def overridden(text_encoder: torch.nn.Module, mask: torch.Tensor, vectors: torch
         yield
     finally:
         layer.overrides = None
+
+
+def lora_embeddings(path) -> list[TextualInversion]:
+    """The embeddings that come with a LoRA file: A1111's bundled ones (``bundle_emb.<word>.…``
+    keys) and the pivotal-tuning file its header names (``ldm_embedding_file``, beside it, for
+    the word ``ldm_embedding_token``); a named file that is missing is an error."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return []
+    from safetensors import safe_open
+
+    found: dict[str, dict] = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        for key in f.keys():
+            if key.startswith("bundle_emb."):
+                word, _, rest = key[len("bundle_emb."):].partition(".")
+                part = found.setdefault(word, {})
+                if rest.startswith("string_to_param."):
+                    part.setdefault("string_to_param", {})[rest.split(".", 1)[1]] = f.get_tensor(key)
+                else:
+                    part[rest] = f.get_tensor(key)
+    out = [TextualInversion(word, vectors_from(data, path), path) for word, data in found.items()]
+    word, name = meta.get("ldm_embedding_token"), meta.get("ldm_embedding_file")
+    if word and name:
+        file = path.with_name(name)
+        if not file.is_file():
+            raise file_error(path, f"its embedding for {word!r} should be beside it as {name}, "
+                             "but that file is missing")
+        out.append(TextualInversion(word, load_embedding(file).vectors, file))
+    return out

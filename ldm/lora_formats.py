@@ -251,9 +251,14 @@ class _Parts:
     dotted_alpha: dict[str, str] = field(default_factory=dict)  # our path → its dotted name
 
 
+BUNDLED_EMBEDDING = "bundle_emb."  # A1111: bundle_emb.<word>.string_to_param.* / .emb_params
+
+
 def _sorted_parts(state: dict[str, torch.Tensor], table: NameTable, source: str) -> _Parts:
     found = _Parts()
     for key, tensor in state.items():
+        if key.startswith(BUNDLED_EMBEDDING):  # A1111's embeddings inside a LoRA: not layers
+            continue
         kohya = _KOHYA_KEY.match(key)
         if kohya:
             spelled, role = kohya.group(1), _KOHYA_ROLES[kohya.group(2)]

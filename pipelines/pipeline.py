@@ -121,6 +121,7 @@ class Pipeline:
         self.vae_path: str | None = None  # a separate autoencoder in use (load_vae)
         self.embeddings_dir: Path | None = None
         self.embeddings: dict[str, object] = {}
+        self._lora_words: dict[str, list[str]] = {}  # LoRA name → embeddings it brought
         # ControlNets by resolved path, placed like the model; where names are looked up
         self.controlnets: dict[str, torch.nn.Module] = {}
         self.controlnet_dirs: list[Path] = []
@@ -163,9 +164,22 @@ class Pipeline:
     def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
         """Apply a LoRA file (kohya or peft/diffusers layout) without merging it; returns its
         name. Several may be loaded, each with its own scale; images record them."""
+        from ldm.embeddings import lora_embeddings, token_embedding
         from ldm.lora import apply_lora
+        from ldm.weights_io import CheckpointError
 
-        return apply_lora(self.model, path, scale=scale, name=name)
+        words = lora_embeddings(path) if isinstance(path, (str, Path)) else []
+        width = token_embedding(self.model.cond_stage_model).embedding_dim \
+            if words and not self.model.config.is_sdxl else None
+        for emb in words:  # checked before anything is applied
+            if width is None or emb.width != width:
+                raise CheckpointError(f"{path}: its embedding {emb.name!r} is {emb.width} wide; this "
+                                      f"model's text encoder takes {width}")
+        name = apply_lora(self.model, path, scale=scale, name=name)
+        for emb in words:  # pivotal tuning / A1111's bundled embeddings: prompt words
+            self.embeddings[emb.name] = emb
+        self._lora_words[name] = [emb.name for emb in words]
+        return name
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         from ldm.lora import set_lora_scale
@@ -177,6 +191,9 @@ class Pipeline:
         from ldm.lora import remove_lora
 
         remove_lora(self.model, name)
+        for adapter in ([name] if name is not None else list(self._lora_words)):
+            for word in self._lora_words.pop(adapter, []):
+                self.embeddings.pop(word, None)
 
     def fuse_lora(self, fuse: bool = True) -> None:
         """Merge the loaded LoRAs into the weights (faster steps), or with False undo that exactly."""
@@ -402,6 +419,16 @@ class Pipeline:
         self.embeddings[word] = dataclasses.replace(emb, name=word)
         return word
 
+    def _idle_lora_words(self) -> set[str]:
+        """Words of embeddings that came with a LoRA now at scale 0: they keep the base model's
+        meaning, so a LoRA at scale 0 gives the base model's images bit for bit."""
+        if not self._lora_words:
+            return set()
+        from ldm.lora import lora_adapters
+
+        scales = lora_adapters(self.model)
+        return {w for name, words in self._lora_words.items() if not scales.get(name) for w in words}
+
     def embeddings_in(self, request: GenerationRequest) -> dict:
         """The embeddings whose words appear in the request's prompts or negative prompts: those
         loaded, and files of ``embeddings_dir`` (loaded now, once)."""
@@ -412,7 +439,7 @@ class Pipeline:
         texts = "\n".join(request.prompt + request.negative_prompt)
         found = find_embeddings(self.embeddings_dir) if self.embeddings_dir else {}
         used = {}
-        for word in set(found) | set(self.embeddings):
+        for word in set(found) | set(self.embeddings) - self._idle_lora_words():
             if re.search(rf"(?<!\w){re.escape(word)}(?!\w)", texts):
                 if word not in self.embeddings:
                     self.load_embedding(found[word])

@@ -3,6 +3,9 @@
 * kohya / A1111: ``photo.png`` next to ``photo.txt`` holding its caption (sub-folders are searched);
 * diffusers imagefolder: a ``metadata.jsonl`` with one ``{"file_name": ..., "text": ...}`` per line.
 
+kohya's folder names are honoured: images in a sub-folder named ``N_words`` (``10_ring``) are seen
+N times per epoch, and those without a caption file take ``words`` as their caption.
+
 Items are addressed by a *key* rather than an index: ``key = epoch · N + i`` is example ``i`` in epoch
 ``epoch``, and every random choice for it (crop, flip, caption dropout) comes from a generator
 seeded by (seed, key). A run resumed at any step, or split across processes, therefore sees exactly
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,16 +66,38 @@ def _from_metadata(root: Path, meta: Path) -> list[Example]:
     return examples
 
 
-def _from_caption_files(root: Path) -> list[Example]:
+REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: "<repeats>_<class words>"
+
+
+def kohya_folder(root: Path, path: Path) -> tuple[int, str | None]:
+    """(repeats, folder caption) of an image: from the innermost ``N_words`` sub-folder of ``root``
+    holding it, else (1, None)."""
+    for folder in path.relative_to(root).parents:
+        match = REPEATS_FOLDER.match(folder.name) if folder.name else None
+        if match:
+            return max(int(match.group(1)), 1), match.group(2).strip() or None
+    return 1, None
+
+
+def name_caption(path: Path) -> str:
+    """A1111's caption from a file name: the stem without its leading digits and dashes."""
+    return re.sub(r"^[-\d]+", "", path.stem).strip()
+
+
+def _from_caption_files(root: Path, names: bool = False) -> list[Example]:
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     examples, missing = [], []
     for path in images:
         caption = path.with_suffix(".txt")
+        repeats, folder_caption = kohya_folder(root, path)
+        if not caption.is_file() and (folder_caption is not None or names):
+            examples += [Example(path, folder_caption or name_caption(path))] * repeats
+            continue
         if not caption.is_file():
             missing.append(path.relative_to(root))
             continue
         try:
-            examples.append(Example(path, caption.read_text(encoding="utf-8").strip()))
+            examples += [Example(path, caption.read_text(encoding="utf-8").strip())] * repeats
         except UnicodeDecodeError:
             raise DataError(f"{caption}: caption is not UTF-8 text") from None
     if missing:
@@ -80,15 +106,16 @@ def _from_caption_files(root: Path) -> list[Example]:
     return examples
 
 
-def scan_folder(root, check_images: bool = True) -> list[Example]:
-    """The examples of a training folder; raises :class:`DataError` naming what is wrong."""
+def scan_folder(root, check_images: bool = True, names: bool = False) -> list[Example]:
+    """The examples of a training folder; raises :class:`DataError` naming what is wrong. With
+    ``names``, an image without a caption file is captioned by its file name (A1111)."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"training data {root}: no such folder")
     if not root.is_dir():
         raise DataError(f"training data {root}: not a folder")
     meta = root / METADATA
-    examples = _from_metadata(root, meta) if meta.is_file() else _from_caption_files(root)
+    examples = _from_metadata(root, meta) if meta.is_file() else _from_caption_files(root, names)
     if not examples:
         raise DataError(f"training data {root}: no images in it (looked for "
                         f"{', '.join(IMAGE_SUFFIXES)} with .txt captions, or a {METADATA})")
@@ -156,6 +183,34 @@ class Augment:
     flip: bool = False  # horizontal flip with probability 1/2
     caption_dropout: float = 0.0  # probability of training on the empty caption
     seed: int = 0
+    shuffle_caption: bool = False  # kohya: shuffle the comma-separated parts of each caption ...
+    keep_tokens: int = 0  # ... but the first N parts, which stay in front
+    # A1111's prompt templates: each item's caption is a random line, ``[filewords]`` → its caption
+    templates: tuple[str, ...] = ()
+
+
+FILEWORDS = "[filewords]"  # A1111's template word for the image's own caption
+
+
+def read_templates(path: Path) -> tuple[str, ...]:
+    """The non-empty lines of an A1111 prompt-template file (``textual_inversion_templates/``)."""
+    try:
+        lines = tuple(ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--template {path}: not a readable text file ({type(exc).__name__})") from None
+    lines = tuple(ln for ln in lines if ln)
+    if not lines:
+        raise DataError(f"--template {path}: no template lines in it")
+    return lines
+
+
+def shuffled_caption(caption: str, keep: int, rng: random.Random) -> str:
+    """kohya's ``--shuffle_caption``: the caption's comma-separated parts in random order, the
+    first ``keep`` left where they are."""
+    parts = [p.strip() for p in caption.split(",") if p.strip()]
+    head, tail = parts[:keep], parts[keep:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
 
 
 class ImageCaptions(Dataset):
@@ -175,11 +230,24 @@ class ImageCaptions(Dataset):
         drop = a.caption_dropout > 0 and rng.random() < a.caption_dropout
         return key % len(self.examples), (rng if a.random_crop else None), flip, drop
 
+    def caption(self, key: int, i: int, drop: bool) -> str:
+        """Example ``i``'s caption for ``key``: empty when dropped, shuffled when asked."""
+        a = self.augment
+        if drop:
+            return ""
+        caption = self.examples[i].caption
+        if a.templates:  # a generator of its own, as below
+            line = random.Random(f"template-{a.seed}-{key}").choice(a.templates)
+            caption = line.replace(FILEWORDS, caption)
+        if a.shuffle_caption:  # a generator of its own: the other choices stay as they were
+            caption = shuffled_caption(caption, a.keep_tokens, random.Random(f"caption-{a.seed}-{key}"))
+        return caption
+
     def __getitem__(self, key: int) -> dict:
         i, crop_rng, flip, drop = self.choices(key)
         ex = self.examples[i]
         pixels = prepare_image(ex.path, self.augment.resolution, crop_rng, flip)
-        return {"pixels": pixels, "caption": "" if drop else ex.caption, "weight": ex.weight}
+        return {"pixels": pixels, "caption": self.caption(key, i, drop), "weight": ex.weight}
 
 
 class CachedLatents(Dataset):
@@ -200,7 +268,7 @@ class CachedLatents(Dataset):
         i, _, flip, drop = self.source.choices(key)
         row = i + (len(self.source) if flip else 0)
         ex = self.source.examples[i]
-        return {"mean": self.mean[row], "std": self.std[row], "caption": "" if drop else ex.caption,
+        return {"mean": self.mean[row], "std": self.std[row], "caption": self.source.caption(key, i, drop),
                 "weight": ex.weight}
 
 
@@ -211,9 +279,10 @@ def encode_posteriors(source: ImageCaptions, vae, device, batch_size: int = 8,
     flipping is on), unscaled, float32 on the CPU."""
     from tqdm.auto import tqdm
 
-    jobs = [(ex.path, False) for ex in source.examples]
+    rows = [(ex.path, False) for ex in source.examples]
     if source.augment.flip:
-        jobs += [(ex.path, True) for ex in source.examples]
+        rows += [(ex.path, True) for ex in source.examples]
+    jobs = list(dict.fromkeys(rows))  # a repeated image (kohya's N_ folders) is encoded once
     dtype = next(vae.parameters()).dtype
     means, stds = [], []
     for start in tqdm(range(0, len(jobs), batch_size), desc="caching latents", disable=not progress):
@@ -222,7 +291,12 @@ def encode_posteriors(source: ImageCaptions, vae, device, batch_size: int = 8,
         posterior = vae.encode(pixels.to(device, dtype))
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
-    return torch.cat(means), torch.cat(stds)
+    mean, std = torch.cat(means), torch.cat(stds)
+    if len(jobs) == len(rows):
+        return mean, std
+    where = {job: k for k, job in enumerate(jobs)}
+    index = torch.tensor([where[r] for r in rows])
+    return mean[index], std[index]
 
 
 def collate(items: list[dict]) -> dict:

@@ -73,6 +73,7 @@ class EmbeddingSettings:
     # data
     resolution: int | None = None  # None: the model's
     flip: bool = False
+    template: Path | None = None  # A1111 prompt template: [name] and [filewords] lines
     cache_latents: bool = False
     num_workers: int = 0
     # states and validation
@@ -87,7 +88,7 @@ class EmbeddingSettings:
     quiet: bool = False
 
     def __post_init__(self):
-        as_paths(self, ("data", "output", "checkpoint", "config", "checkpoints_dir"))
+        as_paths(self, ("data", "output", "checkpoint", "config", "checkpoints_dir", "template"))
         object.__setattr__(self, "validation_prompt", tuple(self.validation_prompt))
         object.__setattr__(self, "token", str(self.token).strip())
         object.__setattr__(self, "init_word", str(self.init_word).strip())
@@ -189,6 +190,32 @@ class Inversion(nn.Module):
         return self.wrapper(x_t, t, context)
 
 
+def token_inputs(cfg, tokenizer, words: dict, captions: list[str]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, rows) of the captions, each padded with empty chunks to the longest, as
+    :func:`pipelines.prompts.encode_prompts` pads prompts (emphasis weights are not applied);
+    ``words`` from :func:`_row_numbers`: ``mask`` marks the word's positions, ``rows`` the learned
+    row at each of them in row-major order."""
+    from ldm.modules.tokenizer import EOT, SOT
+    from pipelines.prompts import Chunk, chunk_ids, tokenize_prompt
+
+    chunked = [tokenize_prompt(tokenizer, c, cfg.max_length - 2, embeddings=words) for c in captions]
+    k = max(len(c) for c in chunked)
+    rows_ids, positions, rows = [], [], []
+    for chunks in chunked:
+        for chunk in chunks + [Chunk([], [])] * (k - len(chunks)):
+            for j, e in enumerate(chunk.embeds or ()):
+                if e is not None:
+                    positions.append((len(rows_ids), 1 + j))
+                    rows.append(int(e[0]))
+            rows_ids.append(chunk_ids(chunk, cfg.pad_token_id, cfg.max_length, SOT, EOT)[0])
+    ids = torch.tensor(rows_ids)
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for r, j in positions:
+        mask[r, j] = True
+    return ids, mask, torch.tensor(rows, dtype=torch.long)
+
+
 class InversionLoss:
     """Diffusion loss of one micro-batch of images (or cached posteriors) with their captions."""
 
@@ -201,28 +228,7 @@ class InversionLoss:
         self.diffusion = DiffusionLoss(model.alphas_cumprod, model.prediction)
 
     def token_inputs(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids, mask, rows) of the captions, each padded with empty chunks to the longest, as
-        :func:`pipelines.prompts.encode_prompts` pads prompts (emphasis weights are not applied)."""
-        from ldm.modules.tokenizer import EOT, SOT
-        from pipelines.prompts import Chunk, chunk_ids, tokenize_prompt
-
-        cfg = self.model.config.text
-        chunked = [tokenize_prompt(self.tokenizer, c, cfg.max_length - 2, embeddings=self.words)
-                   for c in captions]
-        k = max(len(c) for c in chunked)
-        rows_ids, positions, rows = [], [], []
-        for chunks in chunked:
-            for chunk in chunks + [Chunk([], [])] * (k - len(chunks)):
-                for j, e in enumerate(chunk.embeds or ()):
-                    if e is not None:
-                        positions.append((len(rows_ids), 1 + j))
-                        rows.append(int(e[0]))
-                rows_ids.append(chunk_ids(chunk, cfg.pad_token_id, cfg.max_length, SOT, EOT)[0])
-        ids = torch.tensor(rows_ids)
-        mask = torch.zeros(ids.shape, dtype=torch.bool)
-        for r, j in positions:
-            mask[r, j] = True
-        return ids, mask, torch.tensor(rows, dtype=torch.long)
+        return token_inputs(self.model.config.text, self.tokenizer, self.words, captions)
 
     def __call__(self, inversion, batch: dict, gen: torch.Generator) -> torch.Tensor:
         model, device = self.model, self.device
@@ -238,7 +244,14 @@ class InversionLoss:
 def _dataset(settings: EmbeddingSettings, examples, model, resolution: int, engine: Engine):
     from training.data import Augment, CachedLatents, ImageCaptions, encode_posteriors
 
-    source = ImageCaptions(examples, Augment(resolution, flip=settings.flip, seed=settings.seed))
+    templates = ()
+    if settings.template is not None:  # [name] is the word; [filewords] the image's caption
+        from training.data import read_templates
+
+        templates = tuple(t.replace(NAME_PLACEHOLDER, settings.token)
+                          for t in read_templates(settings.template))
+    source = ImageCaptions(examples, Augment(resolution, flip=settings.flip, seed=settings.seed,
+                                             templates=templates))
     if not settings.cache_latents:
         return source
     progress = engine.accelerator.is_local_main_process and not settings.quiet
@@ -325,7 +338,12 @@ def train(settings: EmbeddingSettings) -> Summary:
     from training.data import scan_folder
 
     out, states, validation = output_paths(settings)
-    examples = scan_folder(settings.data)  # 1. inputs, before anything heavy
+    # 1. inputs, before anything heavy; with a template, [filewords] may come from file names
+    examples = scan_folder(settings.data, names=settings.template is not None)
+    if settings.template is not None:
+        from training.data import read_templates
+
+        read_templates(settings.template)
     engine = Engine(_run_settings(settings, states))
     model, base_path = load_base_model(settings.checkpoint, settings.config)
     if model.config.is_sdxl:
@@ -333,8 +351,9 @@ def train(settings: EmbeddingSettings) -> Summary:
     tokenizer = tokenizer_for(model.config.text)
     check_token(tokenizer, settings.token,
                 note=lambda m: print(m, file=sys.stderr) if engine.is_main else None)
-    examples = [dataclasses.replace(ex, caption=with_word(tokenizer, ex.caption, settings.token))
-                for ex in examples]
+    if settings.template is None:  # with a template, its lines place the word
+        examples = [dataclasses.replace(ex, caption=with_word(tokenizer, ex.caption, settings.token))
+                    for ex in examples]
     resolution = settings.resolution or model.config.default_image_size
     if resolution % model.config.autoencoder.downscale:
         raise TrainingError(f"--resolution {resolution}: must be a multiple of "

@@ -224,6 +224,9 @@ class Task:
     dataset: Dataset  # indexed by stream key (see training.data.KeyBatches)
     schedule: Schedule
     weight_decay: float = 0.0
+    # optional learning-rate factors of parameter groups: (first index in ``parameters``, factor)
+    # pairs in order; parameters before the first pair take factor 1 (one AdamW group each)
+    rate_groups: tuple[tuple[int, float], ...] = ()
     collate: Callable | None = None
     shuffle: bool = False  # a fresh permutation of the dataset each epoch, else keys in order
     randomness: type[Randomness] = PerStep
@@ -251,6 +254,18 @@ class Summary:
 
 
 # ------------------------------------------------------------------------------------ the engine
+
+def _groups(task: Task) -> list:
+    """The optimizer's parameter groups: all parameters as one (the plain case, as before groups
+    existed), or split at ``task.rate_groups`` with their rate factors."""
+    if not task.rate_groups:
+        return task.parameters
+    bounds = [(0, 1.0)] if task.rate_groups[0][0] > 0 else []
+    bounds += list(task.rate_groups)
+    ends = [b[0] for b in bounds[1:]] + [len(task.parameters)]
+    return [{"params": task.parameters[start:end], "rate_factor": factor}
+            for (start, factor), end in zip(bounds, ends) if end > start]
+
 
 class Engine:
     """An Accelerate run. Built first: it checks the precision and the resume point before a
@@ -284,7 +299,7 @@ class Engine:
     def fit(self, task: Task) -> Summary:
         """Train ``task`` up to ``settings.steps`` optimizer steps, from the resume point on."""
         acc, s = self.accelerator, self.settings
-        optimizer = torch.optim.AdamW(task.parameters, lr=task.schedule.rate(0),
+        optimizer = torch.optim.AdamW(_groups(task), lr=task.schedule.rate(0),
                                       weight_decay=task.weight_decay)
         module, optimizer = acc.prepare(task.module, optimizer)
         self._register_weight_hooks(task)
@@ -404,7 +419,7 @@ class _Loop:
         rate_step = self.updates if task.schedule.skip_aware else self.step
         self.lr = task.schedule.rate(rate_step)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = self.lr * group.get("rate_factor", 1.0)
         with acc.accumulate(self.module):
             loss = task.loss(self.module, batch, self.randomness.generator(micro))
             if not torch.isfinite(loss):

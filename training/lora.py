@@ -10,6 +10,7 @@ generator seeded by (seed, m, p), and the data stream is a function of the posit
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +24,17 @@ from .loss import DiffusionLoss, noised_batch
 
 ADAPTER = "default"
 ADAPTER_FILE = "lora.safetensors"
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 CONV_TARGETS = ("conv1", "conv2", "conv_shortcut")  # the ``conv`` preset: resnet convolutions (LoCon)
 # (field, low, high, integer, strict_low) of every number setting
 _NUMBERS = (("rank", 1, None, True, False), ("alpha", 0, None, False, True),
             ("max_steps", 1, None, True, False), ("learning_rate", 0, None, False, True),
-            ("lr_warmup_steps", 0, None, True, False), ("weight_decay", 0, None, False, False),
+            ("lr_warmup_steps", 0, None, True, False), ("lr_num_cycles", 1, None, True, False),
+            ("text_encoder_lr", 0, None, False, True), ("embedding_lr", 0, None, False, True),
+            ("vectors", 1, None, True, False), ("num_class_images", 1, None, True, False),
+            ("keep_tokens", 0, None, True, False), ("weight_decay", 0, None, False, False),
             ("batch_size", 1, None, True, False), ("gradient_accumulation_steps", 1, None, True, False),
             ("max_grad_norm", 0, None, False, False), ("min_snr_gamma", 0, None, False, True),
             ("noise_offset", 0, None, False, False), ("seed", 0, None, True, False),
@@ -55,11 +59,18 @@ class LoraSettings:
     alpha: float | None = None  # None: the rank
     targets: tuple[str, ...] = ("attention",)
     train_text_encoder: bool = False
+    # pivotal tuning: new vectors for this caption word, trained with the LoRA
+    token: str | None = None
+    init_word: str | None = None  # None: the token's own rows
+    vectors: int = 1
     # optimisation
     max_steps: int = 1000
     learning_rate: float = 1e-4
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1  # cosine_with_restarts: hard restarts
+    text_encoder_lr: float | None = None  # None: --learning-rate
+    embedding_lr: float | None = None  # None: --learning-rate
     weight_decay: float = 1e-2
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -73,7 +84,12 @@ class LoraSettings:
     resolution: int | None = None  # None: the model's
     reg_data: Path | None = None
     prior_loss_weight: float = 1.0
+    class_prompt: tuple[str, ...] = ()  # DreamBooth class images drawn by the base model
+    num_class_images: int = 100
+    class_data: Path | None = None  # None: <output>-class-images
     caption_dropout: float = 0.0
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
     flip: bool = False
     random_crop: bool = False
     cache_latents: bool = False
@@ -91,8 +107,9 @@ class LoraSettings:
     quiet: bool = False
 
     def __post_init__(self):
-        as_paths(self, ("data", "output", "checkpoint", "config", "reg_data", "checkpoints_dir"))
-        for name in ("targets", "validation_prompt"):
+        as_paths(self, ("data", "output", "checkpoint", "config", "reg_data", "checkpoints_dir",
+                        "class_data"))
+        for name in ("targets", "validation_prompt", "class_prompt"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         check_fields(self, _NUMBERS, (("lr_scheduler", LR_SCHEDULERS),
                                       ("mixed_precision", MIXED_PRECISIONS),
@@ -114,6 +131,20 @@ class LoraSettings:
             raise ValueError("--validation-prompt must not be empty")
         if self.reg_data and self.reg_data.resolve() == self.data.resolve():
             raise ValueError("--reg-data must be another folder than --data")
+        if self.reg_data and self.class_prompt:
+            raise ValueError("--class-prompt draws the regularisation images; drop --reg-data or it")
+        if not all(t.strip() for t in self.class_prompt):
+            raise ValueError("--class-prompt must not be empty")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("--token must not be empty")
+        if self.init_word is not None and self.token is None:
+            raise ValueError("--init-word needs --token (the word whose vectors it starts)")
+        if self.embedding_lr is not None and self.token is None:
+            raise ValueError("--embedding-lr needs --token")
+        if self.text_encoder_lr is not None and not self.train_text_encoder:
+            raise ValueError("--text-encoder-lr needs --train-text-encoder")
+        if self.keep_tokens and not self.shuffle_caption:
+            raise ValueError("--keep-tokens needs --shuffle-caption")
         resolve_targets(self.targets, self.train_text_encoder)
 
 
@@ -161,15 +192,23 @@ def load_base_model(checkpoint: Path | None, config: Path | None):
 
 
 class Denoiser(nn.Module):
-    """What Accelerate wraps (and DDP synchronises): the UNet, and the text encoder when it trains."""
+    """What Accelerate wraps (and DDP synchronises): the UNet, the text encoder when it trains, and
+    the concept word's vectors under pivotal tuning."""
 
-    def __init__(self, model):
+    def __init__(self, model, vectors: torch.Tensor | None = None):
         super().__init__()
         self.wrapper = model.model
         self.text = model.cond_stage_model
+        self.vectors = nn.Parameter(vectors.float()) if vectors is not None else None
 
-    def forward(self, x_t, t, tokens=None, context=None):
-        if context is None:
+    def forward(self, x_t, t, tokens=None, context=None, mask=None, rows=None):
+        if context is None and self.vectors is not None:  # the word's positions take its vectors
+            from ldm.embeddings import overridden
+
+            with overridden(self.text, mask, self.vectors[rows]):
+                context = self.text(tokens)
+            context = context.reshape(x_t.shape[0], -1, context.shape[-1])
+        elif context is None:
             context = self.text(tokens)
         return self.wrapper(x_t, t, context)
 
@@ -177,14 +216,19 @@ class Denoiser(nn.Module):
 class LoraLoss:
     """Diffusion loss of one micro-batch of images (or cached posteriors) with their captions."""
 
-    def __init__(self, model, settings: LoraSettings, device, train_text: bool):
-        self.model, self.device, self.train_text = model, device, train_text
+    def __init__(self, model, settings: LoraSettings, device, train_text: bool, pivot=None):
+        self.model, self.device, self.train_text, self.pivot = model, device, train_text, pivot
         self.noise_offset = settings.noise_offset
         self.diffusion = DiffusionLoss(model.alphas_cumprod, model.prediction, settings.min_snr_gamma)
 
     def __call__(self, denoiser, batch: dict, gen: torch.Generator) -> torch.Tensor:
         model, device = self.model, self.device
         x_t, t, target = noised_batch(model, self.diffusion, batch, gen, device, self.noise_offset)
+        if self.pivot is not None:
+            tokens, mask, rows = (v.to(device) for v in self.pivot.inputs(batch["caption"]))
+            pred = denoiser(x_t, t, tokens=tokens, mask=mask, rows=rows)
+            weight = batch["weight"].to(device) if "weight" in batch else None
+            return self.diffusion(pred, target, t, weight)
         with torch.no_grad():
             tokens = model.tokenize(batch["caption"]).to(device)
             context = None if self.train_text else model.cond_stage_model(tokens)
@@ -199,8 +243,10 @@ def learning_rate(settings: LoraSettings):
     from diffusers.optimization import get_scheduler
 
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=settings.learning_rate)
+    cycles = {"num_cycles": settings.lr_num_cycles} if settings.lr_scheduler == "cosine_with_restarts" \
+        else {}
     factor = get_scheduler(settings.lr_scheduler, dummy, num_warmup_steps=settings.lr_warmup_steps,
-                           num_training_steps=settings.max_steps).lr_lambdas[0]
+                           num_training_steps=settings.max_steps, **cycles).lr_lambdas[0]
     peak = settings.learning_rate
     return lambda step: peak * factor(step)
 
@@ -223,7 +269,8 @@ def _dataset(settings: LoraSettings, examples, model, resolution: int, engine: E
     from training.data import Augment, CachedLatents, ImageCaptions, encode_posteriors
 
     source = ImageCaptions(examples, Augment(resolution, settings.random_crop, settings.flip,
-                                             settings.caption_dropout, settings.seed))
+                                             settings.caption_dropout, settings.seed,
+                                             settings.shuffle_caption, settings.keep_tokens))
     if not settings.cache_latents:
         return source
     progress = engine.accelerator.is_local_main_process and not settings.quiet
@@ -231,7 +278,7 @@ def _dataset(settings: LoraSettings, examples, model, resolution: int, engine: E
     return CachedLatents(source, mean, std)
 
 
-def _validator(model, params, settings: LoraSettings, folder: Path, device):
+def _validator(model, params, settings: LoraSettings, folder: Path, device, vectors=None):
     """Draw the validation prompts with a fixed seed. The pipeline runs in float32 (an upcast of the
     frozen half-precision weights is exact, so is casting them back); the LoRA tensors the
     optimizer holds are put back untouched."""
@@ -243,6 +290,11 @@ def _validator(model, params, settings: LoraSettings, folder: Path, device):
 
         kept = [(p, p.data) for p in params]
         pipe = Pipeline(model, device=device, dtype=torch.float32)
+        if vectors is not None:  # pivotal tuning: the word holds the current vectors
+            from ldm.embeddings import TextualInversion
+
+            pipe.embeddings[settings.token] = TextualInversion(
+                settings.token, vectors.detach().float().cpu().clone())
         folder.mkdir(parents=True, exist_ok=True)
         for k, prompt in enumerate(settings.validation_prompt):
             result = pipe.txt2img(prompt, seed=settings.validation_seed, progress=False)
@@ -287,10 +339,38 @@ def _adapt(engine: Engine, model, settings: LoraSettings, unet_targets, text_tar
     return lora_parameters(model, ADAPTER)
 
 
-def _task(engine: Engine, model, settings: LoraSettings, targets, params, dataset, folder) -> Task:
+def _parameters(model, params: list, settings: LoraSettings, denoiser: Denoiser):
+    """(what the optimizer trains, its rate groups): the UNet's and text encoder's LoRA weights,
+    then the word's vectors; ``--text-encoder-lr`` / ``--embedding-lr`` as factors of the rate."""
+    groups = []
+    if settings.text_encoder_lr is not None:
+        text = {id(p) for p in model.cond_stage_model.parameters()}
+        unet_params = [p for p in params if id(p) not in text]
+        params = unet_params + [p for p in params if id(p) in text]
+        groups.append((len(unet_params), settings.text_encoder_lr / settings.learning_rate))
+    if denoiser.vectors is not None:
+        rate = settings.embedding_lr if settings.embedding_lr is not None else settings.learning_rate
+        groups.append((len(params), rate / settings.learning_rate))
+        params = params + [denoiser.vectors]
+    return params, tuple(groups)
+
+
+def _task(engine: Engine, model, settings: LoraSettings, targets, params, dataset, folder,
+          denoiser: Denoiser, pivot=None) -> Task:
     from ldm.lora import save_lora, set_lora_weights
     from ldm.lora_formats import read_lora
+    from training import pivotal
     from training.data import collate
+
+    def save(state: Path) -> None:
+        save_lora(model, state / ADAPTER_FILE, ADAPTER)
+        if denoiser.vectors is not None:
+            pivotal.save_vectors(state / pivotal.STATE_FILE, settings.token, denoiser.vectors)
+
+    def load(state: Path) -> None:
+        set_lora_weights(model, ADAPTER, read_lora(state / ADAPTER_FILE, model))
+        if denoiser.vectors is not None:
+            pivotal.load_vectors(state / pivotal.STATE_FILE, denoiser.vectors)
 
     unet_targets, text_targets = targets
     facts = {"rank": settings.rank,
@@ -299,15 +379,17 @@ def _task(engine: Engine, model, settings: LoraSettings, targets, params, datase
              "seed": settings.seed, "batch_size": settings.batch_size,
              "processes": engine.accelerator.num_processes,
              "gradient_accumulation_steps": settings.gradient_accumulation_steps}
+    checked = ("rank", "alpha", "unet_targets", "text_targets")
+    if pivot is not None:
+        facts.update(token=settings.token, vectors=settings.vectors)
+        checked += ("token", "vectors")
+    trained, groups = _parameters(model, params, settings, denoiser)
     return Task(
-        module=Denoiser(model), parameters=params, dataset=dataset, collate=collate, shuffle=True,
-        loss=LoraLoss(model, settings, engine.device, bool(text_targets)),
+        module=denoiser, parameters=trained, rate_groups=groups, dataset=dataset, collate=collate,
+        shuffle=True, loss=LoraLoss(model, settings, engine.device, bool(text_targets), pivot),
         schedule=Schedule(learning_rate(settings)), weight_decay=settings.weight_decay,
-        randomness=PerStep, facts=facts, checked_facts=("rank", "alpha", "unet_targets", "text_targets"),
-        save_weights=lambda folder: save_lora(model, folder / ADAPTER_FILE, ADAPTER),
-        load_weights=lambda folder: set_lora_weights(model, ADAPTER,
-                                                     read_lora(folder / ADAPTER_FILE, model)),
-        validate=_validator(model, params, settings, folder, engine.device)
+        randomness=PerStep, facts=facts, checked_facts=checked, save_weights=save, load_weights=load,
+        validate=_validator(model, params, settings, folder, engine.device, denoiser.vectors)
         if settings.validation_prompt else None)
 
 
@@ -322,20 +404,62 @@ def train(settings: LoraSettings) -> Summary:
     if resolution % model.config.autoencoder.downscale:
         raise TrainingError(f"--resolution {resolution}: must be a multiple of "
                             f"{model.config.autoencoder.downscale} for this model")
-    params = _adapt(engine, model, settings, *targets)
-    dataset = _dataset(settings, examples, model, resolution, engine)  # 3. data, then the run
-    summary = engine.fit(_task(engine, model, settings, targets, params, dataset, validation))
-    engine.accelerator.wait_for_everyone()  # 4. the file
-    if engine.is_main:
-        from ldm.lora import save_lora
+    examples += _class_examples(settings, engine, model)
+    pivot = None
+    if settings.token is not None:  # pivotal tuning: the word in every training caption
+        from training.pivotal import Pivot
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_lora(model, out, ADAPTER, dtype=weight_dtype(settings.save_precision), steps=summary.step,
-                  resolution=resolution, base_model_path=base_path,
-                  extra=_file_facts(settings, engine, targets, n_train, len(examples) - n_train))
-        print(f"{summary}; wrote {out}")
+        note = (lambda m: print(m, file=sys.stderr)) if engine.is_main else (lambda m: None)
+        pivot = Pivot(model, settings.token, settings.init_word, settings.vectors, note=note)
+        examples = pivot.captions(examples[:n_train]) + examples[n_train:]
+    params = _adapt(engine, model, settings, *targets)
+    denoiser = Denoiser(model, pivot.initial.to(engine.device) if pivot else None)
+    dataset = _dataset(settings, examples, model, resolution, engine)  # 3. data, then the run
+    summary = engine.fit(_task(engine, model, settings, targets, params, dataset, validation,
+                               denoiser, pivot))
+    engine.accelerator.wait_for_everyone()  # 4. the files
+    if engine.is_main:
+        _write(settings, engine, model, denoiser, summary, resolution, base_path, targets,
+               n_train, len(examples) - n_train)
     engine.accelerator.end_training()
     return summary
+
+
+def _class_examples(settings: LoraSettings, engine: Engine, model) -> list:
+    """DreamBooth class images for ``--class-prompt``, drawn now by the unadapted base model."""
+    if not settings.class_prompt:
+        return []
+    from training import class_images
+
+    folder = settings.class_data or settings.output.with_name(f"{settings.output.stem}-class-images")
+    if engine.is_main:
+        drawn = class_images.fill(folder, model, settings.class_prompt, settings.num_class_images,
+                                  engine.device, progress=not settings.quiet)
+        if drawn and not settings.quiet:
+            print(f"drew {drawn} class images into {folder}")
+    engine.accelerator.wait_for_everyone()
+    return class_images.examples(folder, settings.class_prompt, settings.num_class_images,
+                                 settings.prior_loss_weight)
+
+
+def _write(settings: LoraSettings, engine: Engine, model, denoiser: Denoiser, summary, resolution,
+           base_path, targets, n_train: int, n_reg: int) -> None:
+    """The LoRA file, and under pivotal tuning the embedding beside it."""
+    from ldm.lora import save_lora
+    from training import pivotal
+
+    out = settings.output
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = pivotal.header(out, settings.token) if denoiser.vectors is not None else None
+    save_lora(model, out, ADAPTER, dtype=weight_dtype(settings.save_precision), steps=summary.step,
+              resolution=resolution, base_model_path=base_path, metadata=header,
+              extra=_file_facts(settings, engine, targets, n_train, n_reg))
+    wrote = str(out)
+    if denoiser.vectors is not None:
+        pivotal.save_vectors(pivotal.embedding_path(out), settings.token, denoiser.vectors,
+                             step=summary.step)
+        wrote += f" and {pivotal.embedding_path(out)}"
+    print(f"{summary}; wrote {wrote}")
 
 
 def _file_facts(settings: LoraSettings, engine: Engine, targets, n_train: int, n_reg: int) -> dict:

@@ -290,3 +290,33 @@ def test_an_embedding_teaches_the_default_model_a_word_for_square(tmp_path):
                                               "--json", str(tmp_path / "figures.json")]))
     assert figures["after"]["mean"] >= 0.9, figures
     assert figures["training_seconds"] <= 600, figures
+
+
+# ------------------------------------------------------------------------------ A1111 templates
+
+def test_prompt_templates_with_filewords(files, tmp_path, capsys):
+    """A1111's prompt templates: each item's caption is one of the lines, chosen by its key,
+    ``[name]`` the word and ``[filewords]`` the caption, or the file name without leading digits
+    where there is no caption file."""
+    from training.data import Augment, ImageCaptions, read_templates, scan_folder
+
+    data = tmp_path / "named"
+    data.mkdir()
+    for i, stem in enumerate(("0001-a red square", "0002-a blue square")):
+        sample_spec(random.Random(i), shape="square").render(16).save(data / f"{stem}.png")
+    template = tmp_path / "style.txt"
+    template.write_text("a photo of [name], [filewords]\n\n[filewords] in the style of [name]\n")
+    examples = scan_folder(data, names=True)
+    assert [e.caption for e in examples] == ["a red square", "a blue square"]
+    lines = tuple(t.replace("[name]", WORD) for t in read_templates(template))
+    items = ImageCaptions(examples, Augment(16, seed=3, templates=lines))
+    captions = {items.caption(k, k % 2, False) for k in range(40)}
+    assert captions == {f"a photo of {WORD}, a red square", f"a photo of {WORD}, a blue square",
+                        f"a red square in the style of {WORD}", f"a blue square in the style of {WORD}"}
+    assert items.caption(5, 1, False) == items.caption(5, 1, False)
+    assert train(files, tmp_path / "e.safetensors", "--max-steps", 2, "--template", template,
+                 data=data) == 0
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    code, _, err = train(files, tmp_path / "f.safetensors", "--template", empty, capsys=capsys)
+    assert code == 1 and err.strip().splitlines() == [f"error: --template {empty}: no template lines in it"]
