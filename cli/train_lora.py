@@ -37,8 +37,9 @@ def _adapter_options(a) -> None:
                    help="layers to adapt: presets attention (to_q/k/v/out), ff, proj, conv "
                         "(resnet convolutions, LoCon), text-attention, text-mlp, or layer names "
                         "as diffusers spells them (default: attention)")
-    a.add_argument("--train-text-encoder", action="store_true",
-                   help="adapt the text encoder too (text-attention unless --targets names text layers)")
+    a.add_argument("--train-text-encoder", nargs="?", const=True, default=False, choices=("te1", "te2"),
+                   help="adapt the text encoder too (text-attention unless --targets names text layers); "
+                        "SDXL: both towers, or only te1 (CLIP-L) or te2 (bigG)")
 
 
 def _optimisation_options(o) -> None:

@@ -392,9 +392,15 @@ def parse_lora(state: dict[str, torch.Tensor], model: nn.Module, *, metadata: di
 def fuse_qkv(parts: dict[int, LoraModule], width: int) -> LoraModule:
     """q, k and v LoRAs (any of them) as one LoRA of the fused (3·width) input projection: the
     downs stacked, the ups block-diagonal, each scaled by its alpha/rank; the sum's delta is each
-    part's delta in its rows, exactly what separate q/k/v layers (transformers) compute."""
+    part's delta in its rows, exactly what separate q/k/v layers (transformers) compute. Parts
+    sharing one down (what we write) stay one rank-r adapter."""
     order = sorted(parts)
     ratios = {parts[i].effective_alpha / parts[i].rank for i in order}
+    q = parts[order[0]]
+    if len(order) == 3 and len(ratios) == 1 and all(
+            parts[i].down.shape == q.down.shape and torch.equal(parts[i].down, q.down) for i in order):
+        # one shared down, as :func:`split_qkv` writes a fused adapter: that adapter again
+        return LoraModule(q.down, torch.cat([parts[i].up.to(q.up.dtype) for i in order]), q.alpha)
     rank = sum(parts[i].rank for i in order)
     common = ratios.pop() if len(ratios) == 1 else None
     ref = parts[order[0]].up

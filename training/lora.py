@@ -54,7 +54,7 @@ class LoraSettings:
     rank: int = 4
     alpha: float | None = None  # None: the rank
     targets: tuple[str, ...] = ("attention",)
-    train_text_encoder: bool = False
+    train_text_encoder: bool | str = False  # SDXL: "te1" or "te2" for one of its towers
     # optimisation
     max_steps: int = 1000
     learning_rate: float = 1e-4
@@ -249,12 +249,12 @@ def _validator(model, params, settings: LoraSettings, folder: Path, device):
             params_k = dict(result.parameters[0], model=model_name(settings))
             save_png(result.images[0], folder / f"step-{step:06d}-{k}.png", params_k)
         model.model.to(frozen_dtype)
-        model.cond_stage_model.to(frozen_dtype)
+        model.text_encoder.to(frozen_dtype)
         for p, data in kept:
             p.data = data
             p.requires_grad_(True)
         model.model.train()
-        model.cond_stage_model.train()
+        model.text_encoder.train()
     return validate
 
 
@@ -273,15 +273,17 @@ def _adapt(engine: Engine, model, settings: LoraSettings, unet_targets, text_tar
     """Freeze the base (UNet and text encoder in the mixed-precision dtype) and add the float32
     adapter, initialised alike on every process; returns its parameters."""
     from ldm.lora import add_lora, lora_parameters
+    from .lora_sdxl import text_components
 
     frozen_dtype = weight_dtype(settings.mixed_precision)
     model.requires_grad_(False)
     model.to(engine.device)
     model.model.to(frozen_dtype)
-    model.cond_stage_model.to(frozen_dtype)
+    model.text_encoder.to(frozen_dtype)
     engine.seed()
     add_lora(model, ADAPTER, rank=settings.rank, alpha=settings.alpha, targets=unet_targets,
-             text_targets=text_targets, dtype=torch.float32)
+             text_targets=text_targets, dtype=torch.float32,
+             text_components=text_components(model, settings.train_text_encoder))
     if settings.gradient_checkpointing:
         model.unet.set_gradient_checkpointing(True)
     return lora_parameters(model, ADAPTER)
@@ -299,9 +301,14 @@ def _task(engine: Engine, model, settings: LoraSettings, targets, params, datase
              "seed": settings.seed, "batch_size": settings.batch_size,
              "processes": engine.accelerator.num_processes,
              "gradient_accumulation_steps": settings.gradient_accumulation_steps}
+    if model.config.is_sdxl:  # two towers and the vector conditioning: training/lora_sdxl.py
+        from .lora_sdxl import sdxl_parts
+
+        module, loss = sdxl_parts(model, settings, engine.device, bool(text_targets))
+    else:
+        module, loss = Denoiser(model), LoraLoss(model, settings, engine.device, bool(text_targets))
     return Task(
-        module=Denoiser(model), parameters=params, dataset=dataset, collate=collate, shuffle=True,
-        loss=LoraLoss(model, settings, engine.device, bool(text_targets)),
+        module=module, parameters=params, dataset=dataset, collate=collate, shuffle=True, loss=loss,
         schedule=Schedule(learning_rate(settings)), weight_decay=settings.weight_decay,
         randomness=PerStep, facts=facts, checked_facts=("rank", "alpha", "unet_targets", "text_targets"),
         save_weights=lambda folder: save_lora(model, folder / ADAPTER_FILE, ADAPTER),
