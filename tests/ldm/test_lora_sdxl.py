@@ -128,3 +128,18 @@ def test_one_tower_on_request(model):
     with pytest.raises(L.LoraError, match="no text encoder text_encoder"):
         L.add_lora(random_sdxl_model("sdxl-refiner"), "b", text_targets=TEXT,
                    text_components=("text_encoder",))
+
+
+def test_two_loras_on_bigg_and_removing_them_one_by_one(model, xl, tmp_path):
+    base = run(model)
+    randomise(L.add_lora(model, "a", targets=(), text_targets=TEXT), seed=1)
+    randomise(L.add_lora(model, "b", targets=(), text_targets=("q_proj",),
+                         text_components=("text_encoder_2",)), seed=2)
+    both = run(model)
+    L.remove_lora(model, "a")
+    only_b = run(model)
+    assert isinstance(model.conditioner.embedders[1].model.transformer.resblocks[0].attn, SplitAttention)
+    assert (only_b[1] - both[1]).abs().max() > 0.05 and (only_b[1] - base[1]).abs().max() > 0.05
+    L.remove_lora(model, "b")
+    assert list(model.state_dict()) == list(xl.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(run(model), base))

@@ -204,3 +204,23 @@ def test_family_mismatch_is_one_error_line(model, checkpoints, tmp_path, capsys,
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("error:") and err.count("\n") == 1, err
     assert says in err and not out.exists()
+
+
+def test_cli_lora_on_sdxl_matches_the_python_api(model, checkpoints, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from cli.main import main
+    from tests.pipelines.test_pipeline_parity import _u8
+
+    path = kohya_file(model, reference(model), tmp_path / "xl.safetensors", seed=2)
+    out = tmp_path / "x.png"
+    code = main(["txt2img", PROMPT, "--checkpoint", str(checkpoints / "xl.safetensors"), "--seed",
+                 str(SEED), "--steps", str(STEPS), "--scheduler", "euler", "--width", str(SIZE),
+                 "--height", str(SIZE), "--negative-prompt", NEGATIVE, "--guidance-scale", "6", "-q",
+                 "-o", str(out), "--lora", f"{path}:0.5"])
+    assert code == 0, capsys.readouterr().err
+    pipe = Pipeline.from_checkpoint(checkpoints / "xl.safetensors", device="cpu")
+    pipe.load_lora(path, scale=0.5)
+    assert np.array_equal(_u8(Image.open(out)), _u8(ours_image(pipe)))
+    assert 'Lora scales: "xl: 0.5"' in Image.open(out).info["parameters"]
