@@ -325,16 +325,19 @@ def _sorted_parts(state: dict[str, torch.Tensor], table: NameTable, source: str)
 
 
 def _refuse_unmatched(parts: _Parts, state: dict, source: str, sdxl: bool) -> None:
+    family = _other_family(parts.unknown, sdxl)
+    lead = f"{source}: {family}: " if family else f"{source}: "
     if not parts.layers and not parts.unsupported:
-        raise LoraError(f"{source}: not a LoRA for this model: none of its {len(state)} keys name a "
+        raise LoraError(f"{lead}not a LoRA for this model: none of its {len(state)} keys name a "
                         f"LoRA layer of it (e.g. {_listing(sorted(state), 3)})"
-                        + _family_hint(parts.unknown, sdxl))
+                        + ("" if family else _structure_hint(parts.unknown)))
     if parts.unsupported:
         names = sorted(parts.unsupported)
         raise LoraError(f"{source}: {parts.unsupported[names[0]]} (keys {_listing(names, 3)})")
     if parts.unknown:
-        raise LoraError(f"{source}: {len(parts.unknown)} keys name no layer of this model: "
-                        f"{_listing(sorted(parts.unknown))}" + _family_hint(parts.unknown, sdxl))
+        raise LoraError(f"{lead}{len(parts.unknown)} keys name no layer of this model: "
+                        f"{_listing(sorted(parts.unknown))}"
+                        + ("" if family else _structure_hint(parts.unknown)))
 
 
 def _layer_alpha(entry: dict, dotted_name: str | None, configs: dict, label: str,
@@ -431,11 +434,23 @@ def split_qkv(module: LoraModule) -> list[LoraModule]:
     return out
 
 
-def _family_hint(unknown: list[str], sdxl: bool) -> str:
-    if not sdxl and any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in unknown):
-        return " (an SDXL LoRA? this model is SD1/SD2)"
-    if sdxl and any(k.startswith("lora_te_") for k in unknown):
-        return " (an SD1/SD2 LoRA? this model is SDXL)"
+# Names only one family has: SDXL's towers (kohya te1/te2, diffusers text_encoder_2), its depth-2+
+# transformers (SD1/SD2 have one block per attention); SD1/SD2's single tower (kohya te) and the
+# attention of their first UNet level (SDXL has none there).
+_SDXL_ONLY = re.compile(r"^(lora_te[12]_|text_encoder_2\.)|transformer_blocks[._][1-9]")
+_SD_ONLY = re.compile(r"^lora_te_|down_blocks[._]0[._]attentions|input_blocks[._][12][._]1[._]")
+
+
+def _other_family(unknown: list[str], sdxl: bool) -> str:
+    """What the unmatched keys say about the file's family, when they tell it."""
+    if not sdxl and any(_SDXL_ONLY.search(k) for k in unknown):
+        return "an SDXL LoRA (its keys name SDXL layers), and this model is SD1/SD2"
+    if sdxl and any(_SD_ONLY.search(k) for k in unknown):
+        return "an SD1/SD2 LoRA (its keys name SD1/SD2 layers), and this model is SDXL"
+    return ""
+
+
+def _structure_hint(unknown: list[str]) -> str:
     if any(k.startswith(("lora_unet_", "unet.")) for k in unknown):
         return " (made for a model of another structure?)"
     return ""

@@ -179,31 +179,44 @@ def checkpoints(tmp_path_factory, model):
     return folder
 
 
-def _sd1_lora(path):
+def _sd1_lora(path, text=True):
     from ldm import lora as L
 
     sd1 = dp.random_model("sd1")
-    L.add_lora(sd1, "x", rank=2, text_targets=L.TEXT_ATTENTION)
+    L.add_lora(sd1, "x", rank=2, text_targets=L.TEXT_ATTENTION if text else ())
     L.save_lora(sd1, path, "x")
     return path
 
 
-@pytest.mark.parametrize("base, lora, says", [
-    ("sd1", "xl", "an SDXL LoRA? this model is SD1/SD2"),
-    ("xl", "sd1", "an SD1/SD2 LoRA? this model is SDXL"),
-])
-def test_family_mismatch_is_one_error_line(model, checkpoints, tmp_path, capsys, base, lora, says):
+def _xl_lora(model, path, text=True):
+    path = kohya_file(model, reference(model), path)
+    if not text:
+        save_file({k: v for k, v in load_file(str(path)).items() if k.startswith("lora_unet_")}, str(path))
+    return path
+
+
+SDXL_ON_SD1 = ": an SDXL LoRA (its keys name SDXL layers), and this model is SD1/SD2: "
+SD1_ON_SDXL = ": an SD1/SD2 LoRA (its keys name SD1/SD2 layers), and this model is SDXL: "
+
+
+@pytest.mark.parametrize("base, lora, text, says", [
+    ("sd1", "xl", True, SDXL_ON_SD1), ("xl", "sd1", True, SD1_ON_SDXL),
+    ("sd1", "xl", False, SDXL_ON_SD1), ("xl", "sd1", False, SD1_ON_SDXL),
+], ids=["xl-on-sd1", "sd1-on-xl", "xl-unet-on-sd1", "sd1-unet-on-xl"])
+def test_family_mismatch_is_one_error_line(model, checkpoints, tmp_path, capsys, base, lora, text, says):
     from cli.main import main
 
-    files = {"xl": lambda p: kohya_file(model, reference(model), p), "sd1": _sd1_lora}
-    path = files[lora](tmp_path / f"{lora}.safetensors")
+    if lora == "xl":
+        path = _xl_lora(model, tmp_path / "xl.safetensors", text)
+    else:
+        path = _sd1_lora(tmp_path / "sd1.safetensors", text)
     out = tmp_path / "x.png"
     code = main(["txt2img", PROMPT, "--checkpoint", str(checkpoints / f"{base}.safetensors"),
                  "--steps", "1", "--width", "32", "--height", "32", "-q", "-o", str(out),
                  "--lora", str(path)])
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("error:") and err.count("\n") == 1, err
-    assert says in err and not out.exists()
+    assert says in err and not out.exists(), err
 
 
 def test_cli_lora_on_sdxl_matches_the_python_api(model, checkpoints, tmp_path, capsys):
