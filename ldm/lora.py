@@ -7,7 +7,8 @@ multiplied by zero, so the model computes exactly what the base model computes. 
 of each touched layer's weight, and unfusing puts that copy back: the weights are bit-identical to
 the originals afterwards, which subtracting the delta again would not guarantee.
 
-File layouts and name resolution live in :mod:`ldm.lora_formats`.
+File layouts and name resolution live in :mod:`ldm.lora_formats`; SDXL's bigG tower, whose
+attention fuses q/k/v, takes its adapters through :mod:`ldm.lora_attention`.
 """
 from __future__ import annotations
 
