@@ -39,8 +39,9 @@ def _adapter_options(a) -> None:
                    help="layers to adapt: presets attention (to_q/k/v/out), ff, proj, conv "
                         "(resnet convolutions, LoCon), text-attention, text-mlp, or layer names "
                         "as diffusers spells them (default: attention)")
-    a.add_argument("--train-text-encoder", action="store_true",
-                   help="adapt the text encoder too (text-attention unless --targets names text layers)")
+    a.add_argument("--train-text-encoder", nargs="?", const=True, default=False, choices=("te1", "te2"),
+                   help="adapt the text encoder too (text-attention unless --targets names text layers); "
+                        "SDXL: both towers, or only te1 (CLIP-L) or te2 (bigG)")
     a.add_argument("--token", metavar="WORD",
                    help="pivotal tuning: learn new vectors for this caption word together with the "
                         "LoRA (captions without it get it in front); written beside the LoRA as "
@@ -98,6 +99,9 @@ def _data_options(d) -> None:
                    help="DreamBooth prior preservation without a folder: the base model draws "
                         "--num-class-images images of this prompt (repeatable: the prompts in turn) "
                         "and trains them alongside, captioned with their prompt")
+    d.add_argument("--class-word", metavar="WORD",
+                   help="with --token: class images for the training captions with the token "
+                        "replaced by WORD (pairs that differ in the word only)")
     d.add_argument("--num-class-images", type=number(int, 1), default=100, metavar="N",
                    help="class images to draw (default: 100)")
     d.add_argument("--class-data", metavar="DIR",

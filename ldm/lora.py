@@ -7,7 +7,8 @@ multiplied by zero, so the model computes exactly what the base model computes. 
 of each touched layer's weight, and unfusing puts that copy back: the weights are bit-identical to
 the originals afterwards, which subtracting the delta again would not guarantee.
 
-File layouts and name resolution live in :mod:`ldm.lora_formats`.
+File layouts and name resolution live in :mod:`ldm.lora_formats`; SDXL's bigG tower, whose
+attention fuses q/k/v, takes its adapters through :mod:`ldm.lora_attention`.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .lora_attention import restore_attention, split_attention
 from .lora_formats import (LoraError, LoraModule, LoraWeights, name_table, read_lora,
                            write_lora)
 from .weights_io import file_hash
@@ -77,9 +79,13 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def model_family(model: nn.Module) -> str:
-    """"sd1", "sd2", "sd2-v", "sd1-inpaint" or "sd2-inpaint", from the model's configuration."""
+    """"sd1", "sd2", "sd2-v", "sd1-inpaint", "sd2-inpaint", "sdxl", "sdxl-refiner" or "sdxl-inpaint"
+    (and "-v" variants), from the model's configuration."""
     cfg = model.config
-    base = "sd1" if cfg.text.kind == "clip" else "sd2"
+    if cfg.is_sdxl:
+        base = "sdxl" if any(t.kind == "clip" for t in cfg.conditioner.texts) else "sdxl-refiner"
+    else:
+        base = "sd1" if cfg.text.kind == "clip" else "sd2"
     if cfg.is_inpainting:
         return f"{base}-inpaint"
     return f"{base}-v" if cfg.parameterization == "v" else base
@@ -87,19 +93,35 @@ def model_family(model: nn.Module) -> str:
 
 # ------------------------------------------------------------------------------------- targets
 
-def target_layers(model: nn.Module, unet_targets=UNET_ATTENTION, text_targets=()) -> list[str]:
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")  # SDXL: CLIP-L (kohya te1), bigG (te2)
+
+
+def target_layers(model: nn.Module, unet_targets=UNET_ATTENTION, text_targets=(),
+                  text_components=TEXT_COMPONENTS) -> list[str]:
     """Paths of the UNet / text-encoder layers whose diffusers name ends in one of the targets
-    (e.g. ``to_q``, ``ff.net.2``, ``conv1``; text: ``q_proj``, ``fc1``)."""
+    (e.g. ``to_q``, ``ff.net.2``, ``conv1``; text: ``q_proj``, ``fc1``), text targets in the
+    towers named by ``text_components`` (diffusers' component names). On SDXL's bigG tower any of
+    q/k/v_proj selects its fused input projection (all three: one adapter)."""
     table = name_table(model)
-    wanted = {"unet": tuple(unet_targets), "text_encoder": tuple(text_targets)}
+    unknown = set(text_components) - set(TEXT_COMPONENTS)
+    if unknown:
+        raise LoraError(f"unknown text encoder {sorted(unknown)[0]!r}: {', '.join(TEXT_COMPONENTS)}")
+    wanted = {"unet": tuple(unet_targets)}
+    wanted.update({c: tuple(text_targets) for c in text_components})
     found, used = [], set()
     for ours, (component, path) in table.diffusers.items():
-        for target in wanted[component]:
-            if path == target or path.endswith("." + target):
-                found.append(ours)
-                used.add((component, target))
-                break
-    missing = [t for c, ts in wanted.items() for t in ts if (c, t) not in used]
+        paths = [p for _, p, _ in table.split[ours]] if ours in table.split else [path]
+        hits = [t for t in wanted.get(component, ())
+                if any(p == t or p.endswith("." + t) for p in paths)]
+        if hits:
+            found.append(ours)
+            used.update(("unet" if component == "unet" else "text", t) for t in hits)
+    wanted_any = [("unet", t) for t in unet_targets] + ([("text", t) for t in text_targets]
+                                                        if text_components else [])
+    present = {c for c, _ in table.diffusers.values()}
+    if text_targets and not present & set(text_components):
+        raise LoraError(f"this model has no text encoder {' or '.join(text_components)}")
+    missing = [t for c, t in wanted_any if (c, t) not in used]
     if missing:
         raise LoraError(f"LoRA targets match no layer of this model: {', '.join(missing)}")
     return found
@@ -142,6 +164,7 @@ def _inject(model: nn.Module, name: str, specs: dict[str, tuple[int, float]]) ->
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(specs), lora_dropout=0.0,
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     flags = {p: p.requires_grad for p in model.parameters()}
+    split_attention(model, specs)  # fused attention (bigG): its projections as wrappable layers
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "already found a peft_config": several adapters is the point
         inject_adapter_in_model(config, model, adapter_name=name)
@@ -165,10 +188,12 @@ def _sync(model: nn.Module) -> None:
 
 
 def add_lora(model: nn.Module, name: str = "default", *, rank: int = 4, alpha: float | None = None,
-             targets=UNET_ATTENTION, text_targets=(), dtype: torch.dtype | None = torch.float32
-             ) -> list[nn.Parameter]:
+             targets=UNET_ATTENTION, text_targets=(), dtype: torch.dtype | None = torch.float32,
+             text_components=TEXT_COMPONENTS) -> list[nn.Parameter]:
     """A fresh trainable adapter (up weights zero: the model is unchanged until trained).
-    Returns its parameters, in ``dtype`` (float32 by default, whatever the base weights are)."""
+    Returns its parameters, in ``dtype`` (float32 by default, whatever the base weights are).
+    ``text_components``: which towers the text targets adapt (SDXL: ``text_encoder`` and/or
+    ``text_encoder_2``)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise LoraError(f"LoRA rank must be a positive integer, got {rank!r}")
     alpha = float(rank if alpha is None else alpha)
@@ -177,7 +202,7 @@ def add_lora(model: nn.Module, name: str = "default", *, rank: int = 4, alpha: f
     state = _state(model)
     _refuse_when_fused(state, "add a LoRA")
     name = _adapter_name(state, name, None)
-    layers = target_layers(model, targets, text_targets)
+    layers = target_layers(model, targets, text_targets, text_components)
     _inject(model, name, {p: (rank, alpha) for p in layers})
     state.adapters[name] = _Adapter(1.0, True, None, layers)
     if dtype is not None:
@@ -260,6 +285,7 @@ def remove_lora(model: nn.Module, name: str | None = None) -> None:
         if not layer.lora_A:
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())
+    restore_attention(model)
     for n in names:
         del state.adapters[n]
     _sync(model)
@@ -365,6 +391,8 @@ def lora_file_metadata(model: nn.Module, weights: LoraWeights, *, steps: int | N
     meta = {"rank": str(rank), "alpha": f"{alpha:g}", "family": family,
             "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
             "ss_network_alpha": f"{alpha:g}", "ss_v2": str(family.startswith("sd2"))}
+    if family.startswith("sdxl"):  # what kohya's SDXL scripts write; A1111 shows it
+        meta["ss_base_model_version"] = "sdxl_base_v1-0"
     if base_model_path is None:
         base_model_path = getattr(model.source, "path", None)
     if base_model_path is not None and Path(base_model_path).is_file():

@@ -16,6 +16,11 @@ all of them are resolved through one table built from the model's own ``named_mo
   ``adapter_config.json`` next to the file), and the older diffusers layouts ``….lora.down.weight``,
   ``…processor.to_q_lora.down.weight`` and ``…lora_linear_layer.down.weight``.
 
+SDXL: kohya ``lora_te1_`` / diffusers ``text_encoder.`` name the CLIP-L tower, ``lora_te2_`` /
+``text_encoder_2.`` the bigG tower (transformers' layer names, as diffusers and kohya use them).
+bigG's attention fuses q/k/v here, so its q/k/v LoRAs become one adapter on the input projection
+(:func:`fuse_qkv`, exact) and are written as q, k and v again (:func:`split_qkv`).
+
 Without an alpha the scale is 1 (alpha = rank). Keys that name no module of the model are refused
 by name, and a LoRA whose shapes do not fit (another family) is refused naming module and shapes.
 """
@@ -31,6 +36,7 @@ import torch
 from torch import nn
 
 from .diffusers_names import kohya_lora_name, text_module_map, unet_module_map
+from .lora_attention import fused_attention_weight
 from .weights_io import CheckpointError, read_safetensors_metadata, read_state_dict, write_safetensors
 
 UNET_PREFIX = "model.diffusion_model"
@@ -88,73 +94,108 @@ class NameTable:
     kohya: dict[str, str]  # kohya name → our module path
     dotted: dict[str, str]  # "unet.<diffusers path>", "text_encoder.<path>", bare paths → ours
     to_kohya: dict[str, str]  # our path → the kohya name we write
-    diffusers: dict[str, tuple[str, str]]  # our path → ("unet" | "text_encoder", diffusers path)
+    diffusers: dict[str, tuple[str, str]]  # our path → (diffusers component, diffusers path)
     unsupported: dict[str, str]  # kohya/dotted names of layers we cannot adapt → why
+    # SDXL's bigG attention: q/k/v names (kohya and dotted) → (our ``…attn.in_proj`` path, 0/1/2)
+    fused: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # our ``…attn.in_proj`` path → the (component, diffusers path) and kohya name of q, k and v
+    split: dict[str, tuple[tuple[str, str, str], ...]] = field(default_factory=dict)
 
 
 def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d))
 
 
-def build_name_table(model: nn.Module) -> NameTable:
-    """Names for every ``nn.Linear`` / ``nn.Conv2d`` of the UNet and the text encoder.
+QKV = ("q_proj", "k_proj", "v_proj")
 
-    Must run on a model without injected adapters (its module paths are then the checkpoint's);
-    :func:`name_table` caches the result on the model for that reason.
-    """
-    kohya: dict[str, str] = {}
-    dotted: dict[str, str] = {}
-    to_kohya: dict[str, str] = {}
-    diffusers: dict[str, tuple[str, str]] = {}
-    unsupported: dict[str, str] = {}
 
-    def add(table: dict, name: str, ours: str) -> None:
-        if table.get(name, ours) != ours:  # cannot happen for SD layouts; guards the table itself
-            raise RuntimeError(f"LoRA name {name!r} would mean both {table[name]} and {ours}")
-        table[name] = ours
+def _add(table: dict, name: str, ours: str) -> None:
+    if table.get(name, ours) != ours:  # cannot happen for SD layouts; guards the table itself
+        raise RuntimeError(f"LoRA name {name!r} would mean both {table[name]} and {ours}")
+    table[name] = ours
 
+
+def _add_unet(t: NameTable, model: nn.Module) -> None:
     unet = model.get_submodule(UNET_PREFIX)
     for rel, theirs in unet_module_map(unet).items():
         if not _adaptable(unet.get_submodule(rel)):
             continue
         ours = f"{UNET_PREFIX}.{rel}"
-        diffusers[ours] = ("unet", theirs)
-        to_kohya[ours] = kohya_lora_name("unet", theirs)
-        add(kohya, to_kohya[ours], ours)
-        add(kohya, "lora_unet_" + rel.replace(".", "_"), ours)  # CompVis-style kohya name
-        add(dotted, f"unet.{theirs}", ours)
-        add(dotted, theirs, ours)
+        t.diffusers[ours] = ("unet", theirs)
+        t.to_kohya[ours] = kohya_lora_name("unet", theirs)
+        _add(t.kohya, t.to_kohya[ours], ours)
+        _add(t.kohya, "lora_unet_" + rel.replace(".", "_"), ours)  # CompVis-style kohya name
+        _add(t.dotted, f"unet.{theirs}", ours)
+        _add(t.dotted, theirs, ours)
 
-    text = model.get_submodule(TEXT_PREFIX)
+
+def _add_text(t: NameTable, text: nn.Module, prefix: str, component: str, kohya_prefix: str,
+              bare: bool, fuse_attention: bool) -> None:
+    """One text tower's layers; ``bare``: also the names without a component prefix (one tower
+    only); ``fuse_attention``: OpenCLIP's fused attention takes q/k/v LoRAs (SDXL)."""
     mha = {name for name, m in text.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+    def forms(theirs: str) -> list[str]:
+        out = [f"{component}.{theirs}", f"{component}.text_model.{theirs}"]
+        return out + [f"text_model.{theirs}"] if bare else out
+
     for rel, theirs in text_module_map(text).items():
         module = text.get_submodule(rel)
-        ours = f"{TEXT_PREFIX}.{rel}"
+        ours = f"{prefix}.{rel}"
+        if rel in mha and fuse_attention:  # q/k/v → one adapter on the input projection
+            parts = tuple((component, f"{theirs}.{p}", f"{kohya_prefix}text_model_{theirs}_{p}"
+                           .replace(".", "_")) for p in QKV)
+            t.split[f"{ours}.in_proj"] = parts
+            t.diffusers[f"{ours}.in_proj"] = (component, f"{theirs}.in_proj")
+            for i, (_, path, kohya) in enumerate(parts):
+                for name in (kohya, *forms(path)):
+                    _add(t.fused, name, (f"{ours}.in_proj", i))
+            continue
         if rel in mha:  # OpenCLIP's fused attention: q/k/v/out are not separate layers here
             why = ("text-encoder attention LoRA is not supported on the OpenCLIP (SD2) text "
                    "encoder, whose attention fuses q/k/v; its MLP layers (fc1/fc2) are")
             for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                unsupported[kohya_lora_name("text_encoder", f"{theirs}.{proj}")] = why
-                for form in (f"text_encoder.{theirs}.{proj}", f"text_encoder.text_model.{theirs}.{proj}"):
-                    unsupported[form] = why
+                t.unsupported[f"{kohya_prefix}text_model_{theirs}_{proj}".replace(".", "_")] = why
+                for form in forms(f"{theirs}.{proj}"):
+                    t.unsupported[form] = why
             continue
-        if rel.rpartition(".")[0] in mha or not _adaptable(module):
+        if not _adaptable(module) or (rel.rpartition(".")[0] in mha and not fuse_attention):
             continue  # MultiheadAttention reads out_proj's weight directly: an adapter would be ignored
-        diffusers[ours] = ("text_encoder", theirs)
-        to_kohya[ours] = kohya_lora_name("text_encoder", theirs)
-        add(kohya, to_kohya[ours], ours)
-        for form in (f"text_encoder.{theirs}", f"text_encoder.text_model.{theirs}",
-                     f"text_model.{theirs}"):
-            add(dotted, form, ours)
-    return NameTable(kohya, dotted, to_kohya, diffusers, unsupported)
+        t.diffusers[ours] = (component, theirs)
+        t.to_kohya[ours] = f"{kohya_prefix}text_model_{theirs}".replace(".", "_")
+        _add(t.kohya, t.to_kohya[ours], ours)
+        for form in forms(theirs):
+            _add(t.dotted, form, ours)
+
+
+def build_name_table(model: nn.Module) -> NameTable:
+    """Names for every ``nn.Linear`` / ``nn.Conv2d`` of the UNet and the text encoder(s).
+
+    SDXL's towers are diffusers' ``text_encoder`` (CLIP-L, kohya ``lora_te1_``) and
+    ``text_encoder_2`` (bigG, ``lora_te2_``); the refiner has only the second. Must run on a model
+    without injected adapters (its module paths are then the checkpoint's); :func:`name_table`
+    caches the result on the model for that reason.
+    """
+    t = NameTable({}, {}, {}, {}, {})
+    _add_unet(t, model)
+    if not model.config.is_sdxl:
+        _add_text(t, model.get_submodule(TEXT_PREFIX), TEXT_PREFIX, "text_encoder", "lora_te_",
+                  bare=True, fuse_attention=False)
+        return t
+    embedders = model.config.conditioner.embedders
+    towers = [i for i, e in enumerate(embedders) if e.text is not None]
+    components = ["text_encoder", "text_encoder_2"][-len(towers):]
+    for i, component in zip(towers, components):
+        kohya = "lora_te1_" if component == "text_encoder" else "lora_te2_"
+        _add_text(t, model.conditioner.embedders[i], f"conditioner.embedders.{i}", component, kohya,
+                  bare=False, fuse_attention=True)
+    return t
 
 
 def name_table(model: nn.Module) -> NameTable:
     """:func:`build_name_table`, computed once per model (before any adapter is injected) and kept
     in its ``lora_names`` field."""
     if model.lora_names is None:
-        if model.config.is_sdxl:  # its two towers have no kohya/diffusers name table yet
-            raise LoraError("LoRA on SDXL models is not supported yet")
         if any(hasattr(m, "base_layer") for m in model.modules()):
             raise LoraError("the model already holds adapters injected elsewhere; LoRA names must "
                             "be read from the plain model")
@@ -227,7 +268,7 @@ def _diffusers_alphas(metadata: dict[str, str], sidecar: dict | None) -> dict[st
 
 
 def _alpha_for(dotted_name: str, configs: dict[str, dict]) -> float | None:
-    for component in ("unet", "text_encoder"):
+    for component in ("unet", "text_encoder", "text_encoder_2"):
         if dotted_name.startswith(component + ".") and component in configs:
             cfg = configs[component]
             inner = dotted_name[len(component) + 1:]
@@ -245,7 +286,8 @@ _KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "al
 class _Parts:
     """A LoRA state dict sorted by our layer paths."""
 
-    layers: dict[str, dict] = field(default_factory=dict)  # our path → {"down", "up", "alpha", "names"}
+    # our path (or (path, q/k/v index) for a fused attention) → {"down", "up", "alpha", "names"}
+    layers: dict = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)  # keys that name no layer
     unsupported: dict[str, str] = field(default_factory=dict)  # spelled name → why not
     dotted_alpha: dict[str, str] = field(default_factory=dict)  # our path → its dotted name
@@ -262,14 +304,14 @@ def _sorted_parts(state: dict[str, torch.Tensor], table: NameTable, source: str)
         kohya = _KOHYA_KEY.match(key)
         if kohya:
             spelled, role = kohya.group(1), _KOHYA_ROLES[kohya.group(2)]
-            ours = table.kohya.get(spelled)
+            ours = table.kohya.get(spelled, table.fused.get(spelled))
         else:
             dotted = _dotted_module(key)
             if dotted is None:
                 found.unknown.append(key)
                 continue
             spelled, role = dotted
-            ours = table.dotted.get(spelled)
+            ours = table.dotted.get(spelled, table.fused.get(spelled))
             if ours is not None and role != "alpha":
                 found.dotted_alpha[ours] = spelled
         if ours is None:
@@ -281,23 +323,26 @@ def _sorted_parts(state: dict[str, torch.Tensor], table: NameTable, source: str)
         entry = found.layers.setdefault(ours, {"names": set()})
         entry["names"].add(spelled)
         if role in entry:
-            raise LoraError(f"{source}: two entries for the {role} weight of layer {ours} "
+            raise LoraError(f"{source}: two entries for the {role} weight of layer {_listing(sorted(entry['names']), 1)} "
                             f"(spelled {_listing(sorted(entry['names']))})")
         entry[role] = tensor
     return found
 
 
-def _refuse_unmatched(parts: _Parts, state: dict, source: str) -> None:
+def _refuse_unmatched(parts: _Parts, state: dict, source: str, sdxl: bool) -> None:
+    family = _other_family(parts.unknown, sdxl)
+    lead = f"{source}: {family}: " if family else f"{source}: "
     if not parts.layers and not parts.unsupported:
-        raise LoraError(f"{source}: not a LoRA for this model: none of its {len(state)} keys name a "
+        raise LoraError(f"{lead}not a LoRA for this model: none of its {len(state)} keys name a "
                         f"LoRA layer of it (e.g. {_listing(sorted(state), 3)})"
-                        + _family_hint(parts.unknown))
+                        + ("" if family else _structure_hint(parts.unknown)))
     if parts.unsupported:
         names = sorted(parts.unsupported)
         raise LoraError(f"{source}: {parts.unsupported[names[0]]} (keys {_listing(names, 3)})")
     if parts.unknown:
-        raise LoraError(f"{source}: {len(parts.unknown)} keys name no layer of this model: "
-                        f"{_listing(sorted(parts.unknown))}" + _family_hint(parts.unknown))
+        raise LoraError(f"{lead}{len(parts.unknown)} keys name no layer of this model: "
+                        f"{_listing(sorted(parts.unknown))}"
+                        + ("" if family else _structure_hint(parts.unknown)))
 
 
 def _layer_alpha(entry: dict, dotted_name: str | None, configs: dict, label: str,
@@ -322,9 +367,11 @@ def parse_lora(state: dict[str, torch.Tensor], model: nn.Module, *, metadata: di
     if not state:
         raise LoraError(f"{source}: holds no tensors")
     parts = _sorted_parts(state, table, source)
-    _refuse_unmatched(parts, state, source)
+    sdxl = model.config.is_sdxl
+    _refuse_unmatched(parts, state, source, sdxl)
     configs = _diffusers_alphas(metadata, sidecar_config)
     modules: dict[str, LoraModule] = {}
+    fused: dict[str, dict[int, LoraModule]] = {}
     for ours, entry in parts.layers.items():
         label = _listing(sorted(entry["names"]), 1)
         missing = [r for r in ("down", "up") if r not in entry]
@@ -332,16 +379,84 @@ def parse_lora(state: dict[str, torch.Tensor], model: nn.Module, *, metadata: di
             raise LoraError(f"{source}: layer {label} has no {missing[0]} weight (only "
                             f"{', '.join(r for r in ('down', 'up', 'alpha') if r in entry)})")
         alpha = _layer_alpha(entry, parts.dotted_alpha.get(ours), configs, label, source)
-        module = _checked(model.get_submodule(ours), entry["down"], entry["up"], label, ours, source)
+        path, index = ours if isinstance(ours, tuple) else (ours, None)
+        weight = _layer_weight(model, path)
+        if index is not None:  # q, k or v: its rows of the fused input projection
+            rows = weight.shape[0] // 3
+            weight = weight[index * rows:(index + 1) * rows]
+        module = _checked(weight, entry["down"], entry["up"], label, path, source,
+                          "an SD1/SD2 LoRA on an SDXL model" if sdxl else
+                          "an SD2 LoRA on an SD1 model, or an SDXL LoRA on SD1/SD2")
         module.alpha = alpha
-        modules[ours] = module
+        if index is None:
+            modules[path] = module
+        else:
+            fused.setdefault(path, {})[index] = module
+    for path, qkv in fused.items():
+        modules[path] = fuse_qkv(qkv, _layer_weight(model, path).shape[0] // 3)
     return LoraWeights(modules, metadata, source)
 
 
-def _family_hint(unknown: list[str]) -> str:
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in unknown):
-        return " (an SDXL LoRA? this model is SD1/SD2)"
-    if any(k.startswith("lora_unet_") for k in unknown):
+def fuse_qkv(parts: dict[int, LoraModule], width: int) -> LoraModule:
+    """q, k and v LoRAs (any of them) as one LoRA of the fused (3·width) input projection: the
+    downs stacked, the ups block-diagonal, each scaled by its alpha/rank; the sum's delta is each
+    part's delta in its rows, exactly what separate q/k/v layers (transformers) compute. Parts
+    sharing one down (what we write) stay one rank-r adapter."""
+    order = sorted(parts)
+    ratios = {parts[i].effective_alpha / parts[i].rank for i in order}
+    q = parts[order[0]]
+    if len(order) == 3 and len(ratios) == 1 and all(
+            parts[i].down.shape == q.down.shape and torch.equal(parts[i].down, q.down) for i in order):
+        # one shared down, as :func:`split_qkv` writes a fused adapter: that adapter again
+        return LoraModule(q.down, torch.cat([parts[i].up.to(q.up.dtype) for i in order]), q.alpha)
+    rank = sum(parts[i].rank for i in order)
+    common = ratios.pop() if len(ratios) == 1 else None
+    ref = parts[order[0]].up
+    up = torch.zeros(3 * width, rank, dtype=ref.dtype, device=ref.device)
+    col = 0
+    for i in order:
+        m = parts[i]
+        factor = 1.0 if common is not None else m.effective_alpha / m.rank
+        up[i * width:(i + 1) * width, col:col + m.rank] = m.up.to(ref.dtype) * factor
+        col += m.rank
+    down = torch.cat([parts[i].down.to(parts[order[0]].down.dtype) for i in order])
+    return LoraModule(down, up, common * rank if common is not None else float(rank))
+
+
+def split_qkv(module: LoraModule) -> list[LoraModule]:
+    """The inverse for writing: q, k and v LoRAs of a fused input projection's LoRA (the down
+    shared, each part's rows of up), without the ranks whose up column is zero in that part
+    (alpha adjusted so that alpha/rank is kept)."""
+    width = module.up.shape[0] // 3
+    out = []
+    for i in range(3):
+        up = module.up[i * width:(i + 1) * width]
+        keep = up.abs().amax(dim=0) > 0
+        if not bool(keep.any()):
+            keep = torch.ones_like(keep)
+        ratio = module.effective_alpha / module.rank
+        out.append(LoraModule(module.down[keep], up[:, keep], ratio * int(keep.sum())))
+    return out
+
+
+# Names only one family has: SDXL's towers (kohya te1/te2, diffusers text_encoder_2), its depth-2+
+# transformers (SD1/SD2 have one block per attention); SD1/SD2's single tower (kohya te) and the
+# attention of their first UNet level (SDXL has none there).
+_SDXL_ONLY = re.compile(r"^(lora_te[12]_|text_encoder_2\.)|transformer_blocks[._][1-9]")
+_SD_ONLY = re.compile(r"^lora_te_|down_blocks[._]0[._]attentions|input_blocks[._][12][._]1[._]")
+
+
+def _other_family(unknown: list[str], sdxl: bool) -> str:
+    """What the unmatched keys say about the file's family, when they tell it."""
+    if not sdxl and any(_SDXL_ONLY.search(k) for k in unknown):
+        return "an SDXL LoRA (its keys name SDXL layers), and this model is SD1/SD2"
+    if sdxl and any(_SD_ONLY.search(k) for k in unknown):
+        return "an SD1/SD2 LoRA (its keys name SD1/SD2 layers), and this model is SDXL"
+    return ""
+
+
+def _structure_hint(unknown: list[str]) -> str:
+    if any(k.startswith(("lora_unet_", "unet.")) for k in unknown):
         return " (made for a model of another structure?)"
     return ""
 
@@ -350,11 +465,17 @@ def _base_weight(module: nn.Module) -> torch.Tensor:
     return module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
 
 
-def _checked(module: nn.Module, down: torch.Tensor, up: torch.Tensor, label: str, ours: str,
-             source: str) -> LoraModule:
+def _layer_weight(model: nn.Module, path: str) -> torch.Tensor:
+    """The weight a LoRA on ``path`` changes (a fused attention's ``in_proj`` may not be a module
+    yet: see :mod:`ldm.lora_attention`)."""
+    fused = fused_attention_weight(model, path)
+    return fused if fused is not None else _base_weight(model.get_submodule(path))
+
+
+def _checked(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, label: str, ours: str,
+             source: str, example: str) -> LoraModule:
     """Bring one layer's pair into the layer's layout (1×1 convolutions may be stored 2-D and
     vice versa), or say why it does not fit."""
-    weight = _base_weight(module)
     conv = weight.dim() == 4
     if conv and down.dim() == 2 and tuple(weight.shape[2:]) == (1, 1):
         down, up = down[:, :, None, None], up[:, :, None, None]
@@ -374,7 +495,7 @@ def _checked(module: nn.Module, down: torch.Tensor, up: torch.Tensor, label: str
         their = [int(up.shape[0]), int(down.shape[1]), *map(int, down.shape[2:])]
         raise LoraError(f"{source}: made for a different model: layer {label} ({ours}) has weight "
                         f"{list(weight.shape)} here but {their} in the LoRA (up {list(up.shape)}, "
-                        f"down {list(down.shape)}); e.g. an SD2 LoRA on an SD1 model")
+                        f"down {list(down.shape)}); e.g. {example}")
     return LoraModule(down, up)
 
 
@@ -403,13 +524,19 @@ def read_lora(path, model: nn.Module) -> LoraWeights:
 
 def kohya_state_dict(weights: LoraWeights, model: nn.Module, dtype: torch.dtype = torch.float32
                      ) -> dict[str, torch.Tensor]:
-    """Kohya layout with diffusers-style names; alpha written for every layer."""
+    """Kohya layout with diffusers-style names; alpha written for every layer (a fused attention's
+    LoRA as its q, k and v parts, as kohya names bigG's layers)."""
     table = name_table(model)
-    out: dict[str, torch.Tensor] = {}
+    named: list[tuple[str, LoraModule]] = []
     for ours, module in sorted(weights.modules.items()):
-        name = table.to_kohya.get(ours)
-        if name is None:
+        if ours in table.split:
+            named += [(kohya, part) for (_, _, kohya), part in zip(table.split[ours], split_qkv(module))]
+        elif ours in table.to_kohya:
+            named.append((table.to_kohya[ours], module))
+        else:
             raise LoraError(f"layer {ours} has no kohya name (not a UNet or text-encoder layer)")
+    out: dict[str, torch.Tensor] = {}
+    for name, module in named:
         out[f"{name}.lora_down.weight"] = module.down.detach().to("cpu", dtype).contiguous()
         out[f"{name}.lora_up.weight"] = module.up.detach().to("cpu", dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(module.effective_alpha, dtype=torch.float32)

@@ -11,6 +11,19 @@ from pathlib import Path
 CLASS_SEED = 1_000_000  # image i is drawn with seed CLASS_SEED + i
 
 
+def prompts_from_captions(captions: list[str], token: str, word: str) -> tuple[str, ...]:
+    """Class prompts that pair the training images: each distinct caption with the concept word
+    ``token`` replaced by the class ``word`` (captions without the token are left out), so the
+    class images differ from the training images in the word only, not in colours or layout."""
+    import re
+
+    pattern = re.compile(rf"(?<!\w){re.escape(token)}(?!\w)")
+    prompts = [pattern.sub(word, c) for c in captions if pattern.search(c)]
+    if not prompts:
+        raise ValueError(f"--class-word: no training caption holds the word {token!r}")
+    return tuple(dict.fromkeys(prompts))
+
+
 def class_prompt(prompts: tuple[str, ...], i: int) -> str:
     """Image i's prompt: the class prompts in turn."""
     return prompts[i % len(prompts)]

@@ -58,7 +58,7 @@ class LoraSettings:
     rank: int = 4
     alpha: float | None = None  # None: the rank
     targets: tuple[str, ...] = ("attention",)
-    train_text_encoder: bool = False
+    train_text_encoder: bool | str = False  # SDXL: "te1" or "te2" for one of its towers
     # pivotal tuning: new vectors for this caption word, trained with the LoRA
     token: str | None = None
     init_word: str | None = None  # None: the token's own rows
@@ -85,6 +85,7 @@ class LoraSettings:
     reg_data: Path | None = None
     prior_loss_weight: float = 1.0
     class_prompt: tuple[str, ...] = ()  # DreamBooth class images drawn by the base model
+    class_word: str | None = None  # ... or for the training captions with --token → this word
     num_class_images: int = 100
     class_data: Path | None = None  # None: <output>-class-images
     caption_dropout: float = 0.0
@@ -131,8 +132,13 @@ class LoraSettings:
             raise ValueError("--validation-prompt must not be empty")
         if self.reg_data and self.reg_data.resolve() == self.data.resolve():
             raise ValueError("--reg-data must be another folder than --data")
-        if self.reg_data and self.class_prompt:
-            raise ValueError("--class-prompt draws the regularisation images; drop --reg-data or it")
+        if self.reg_data and (self.class_prompt or self.class_word):
+            raise ValueError("--class-prompt/--class-word draw the regularisation images; drop "
+                             "--reg-data or them")
+        if self.class_prompt and self.class_word:
+            raise ValueError("give --class-prompt or --class-word, not both")
+        if self.class_word is not None and (self.token is None or not self.class_word.strip()):
+            raise ValueError("--class-word needs --token (the word it stands in for) and a word")
         if not all(t.strip() for t in self.class_prompt):
             raise ValueError("--class-prompt must not be empty")
         if self.token is not None and not self.token.strip():
@@ -198,7 +204,7 @@ class Denoiser(nn.Module):
     def __init__(self, model, vectors: torch.Tensor | None = None):
         super().__init__()
         self.wrapper = model.model
-        self.text = model.cond_stage_model
+        self.text = model.text_encoder
         self.vectors = nn.Parameter(vectors.float()) if vectors is not None else None
 
     def forward(self, x_t, t, tokens=None, context=None, mask=None, rows=None):
@@ -301,12 +307,12 @@ def _validator(model, params, settings: LoraSettings, folder: Path, device, vect
             params_k = dict(result.parameters[0], model=model_name(settings))
             save_png(result.images[0], folder / f"step-{step:06d}-{k}.png", params_k)
         model.model.to(frozen_dtype)
-        model.cond_stage_model.to(frozen_dtype)
+        model.text_encoder.to(frozen_dtype)
         for p, data in kept:
             p.data = data
             p.requires_grad_(True)
         model.model.train()
-        model.cond_stage_model.train()
+        model.text_encoder.train()
     return validate
 
 
@@ -325,15 +331,17 @@ def _adapt(engine: Engine, model, settings: LoraSettings, unet_targets, text_tar
     """Freeze the base (UNet and text encoder in the mixed-precision dtype) and add the float32
     adapter, initialised alike on every process; returns its parameters."""
     from ldm.lora import add_lora, lora_parameters
+    from .lora_sdxl import text_components
 
     frozen_dtype = weight_dtype(settings.mixed_precision)
     model.requires_grad_(False)
     model.to(engine.device)
     model.model.to(frozen_dtype)
-    model.cond_stage_model.to(frozen_dtype)
+    model.text_encoder.to(frozen_dtype)
     engine.seed()
     add_lora(model, ADAPTER, rank=settings.rank, alpha=settings.alpha, targets=unet_targets,
-             text_targets=text_targets, dtype=torch.float32)
+             text_targets=text_targets, dtype=torch.float32,
+             text_components=text_components(model, settings.train_text_encoder))
     if settings.gradient_checkpointing:
         model.unet.set_gradient_checkpointing(True)
     return lora_parameters(model, ADAPTER)
@@ -344,7 +352,7 @@ def _parameters(model, params: list, settings: LoraSettings, denoiser: Denoiser)
     then the word's vectors; ``--text-encoder-lr`` / ``--embedding-lr`` as factors of the rate."""
     groups = []
     if settings.text_encoder_lr is not None:
-        text = {id(p) for p in model.cond_stage_model.parameters()}
+        text = {id(p) for p in model.text_encoder.parameters()}
         unet_params = [p for p in params if id(p) not in text]
         params = unet_params + [p for p in params if id(p) in text]
         groups.append((len(unet_params), settings.text_encoder_lr / settings.learning_rate))
@@ -383,10 +391,16 @@ def _task(engine: Engine, model, settings: LoraSettings, targets, params, datase
     if pivot is not None:
         facts.update(token=settings.token, vectors=settings.vectors)
         checked += ("token", "vectors")
+    if model.config.is_sdxl:  # two towers and the vector conditioning: training/lora_sdxl.py
+        from .lora_sdxl import sdxl_parts
+
+        module, loss = sdxl_parts(model, settings, engine.device, bool(text_targets))
+    else:
+        module, loss = denoiser, LoraLoss(model, settings, engine.device, bool(text_targets), pivot)
     trained, groups = _parameters(model, params, settings, denoiser)
     return Task(
-        module=denoiser, parameters=trained, rate_groups=groups, dataset=dataset, collate=collate,
-        shuffle=True, loss=LoraLoss(model, settings, engine.device, bool(text_targets), pivot),
+        module=module, parameters=trained, rate_groups=groups, dataset=dataset, collate=collate,
+        shuffle=True, loss=loss,
         schedule=Schedule(learning_rate(settings)), weight_decay=settings.weight_decay,
         randomness=PerStep, facts=facts, checked_facts=checked, save_weights=save, load_weights=load,
         validate=_validator(model, params, settings, folder, engine.device, denoiser.vectors)
@@ -404,8 +418,10 @@ def train(settings: LoraSettings) -> Summary:
     if resolution % model.config.autoencoder.downscale:
         raise TrainingError(f"--resolution {resolution}: must be a multiple of "
                             f"{model.config.autoencoder.downscale} for this model")
-    examples += _class_examples(settings, engine, model)
+    examples += _class_examples(settings, engine, model, examples)
     pivot = None
+    if settings.token is not None and model.config.is_sdxl:
+        raise TrainingError(f"{base_path}: --token (pivotal tuning) takes one-tower models; this is SDXL")
     if settings.token is not None:  # pivotal tuning: the word in every training caption
         from training.pivotal import Pivot
 
@@ -425,21 +441,24 @@ def train(settings: LoraSettings) -> Summary:
     return summary
 
 
-def _class_examples(settings: LoraSettings, engine: Engine, model) -> list:
-    """DreamBooth class images for ``--class-prompt``, drawn now by the unadapted base model."""
-    if not settings.class_prompt:
+def _class_examples(settings: LoraSettings, engine: Engine, model, examples) -> list:
+    """DreamBooth class images for ``--class-prompt`` (or the training captions with the token
+    replaced by ``--class-word``), drawn now by the unadapted base model."""
+    if not settings.class_prompt and not settings.class_word:
         return []
     from training import class_images
 
+    prompts = settings.class_prompt or class_images.prompts_from_captions(
+        [ex.caption for ex in examples], settings.token, settings.class_word)
+
     folder = settings.class_data or settings.output.with_name(f"{settings.output.stem}-class-images")
     if engine.is_main:
-        drawn = class_images.fill(folder, model, settings.class_prompt, settings.num_class_images,
+        drawn = class_images.fill(folder, model, prompts, settings.num_class_images,
                                   engine.device, progress=not settings.quiet)
         if drawn and not settings.quiet:
             print(f"drew {drawn} class images into {folder}")
     engine.accelerator.wait_for_everyone()
-    return class_images.examples(folder, settings.class_prompt, settings.num_class_images,
-                                 settings.prior_loss_weight)
+    return class_images.examples(folder, prompts, settings.num_class_images, settings.prior_loss_weight)
 
 
 def _write(settings: LoraSettings, engine: Engine, model, denoiser: Denoiser, summary, resolution,

@@ -446,13 +446,6 @@ def test_speed_options_give_the_plain_output_with_y():
     assert a.shape == (4, 4, 16, 16) and err <= 1e-4 * max(1.0, scale)
 
 
-def test_lora_on_sdxl_is_one_error_line():
-    from ldm import lora as L
-
-    with pytest.raises(L.LoraError, match="LoRA on SDXL models is not supported yet"):
-        L.add_lora(_model("sdxl"), rank=4)
-
-
 def test_v_pred_marker_makes_an_sdxl_v_model(tmp_path):
     from ldm.detect import detect
 

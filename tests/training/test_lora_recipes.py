@@ -265,8 +265,31 @@ def test_class_images_are_drawn_by_the_base_model_once(files, tmp_path, capsys):
     assert (folder / "class-00003.png").is_file()  # ... only the missing one was drawn
 
 
+def test_class_word_pairs_the_training_captions(files, tmp_path):
+    """--class-word: class images for the training captions with the token swapped for the class
+    word, so each class image differs from a training image in the word only."""
+    from training.class_images import prompts_from_captions
+
+    captions = ["a red ring on a blue background", "rings: a ring", "a red ring on a blue background",
+                "no concept here"]
+    assert prompts_from_captions(captions, "ring", "circle") == (
+        "a red circle on a blue background", "rings: a circle")
+    with pytest.raises(ValueError, match="no training caption holds the word 'zwx'"):
+        prompts_from_captions(captions, "zwx", "circle")
+    out = tmp_path / "r.safetensors"
+    assert train(files, out, "--max-steps", 1, "--token", "ring", "--class-word", "circle",
+                 "--num-class-images", 2) == 0
+    folder = tmp_path / "r-class-images"
+    expected = [t.read_text().strip().replace(" ring ", " circle ")
+                for t in sorted(files["data"].glob("*.txt"))]
+    got = [(folder / f"class-{i:05d}.txt").read_text().strip() for i in range(2)]
+    assert got == list(dict.fromkeys(expected))[:2]
+
+
 @pytest.mark.parametrize("extra,fragment", [
-    (["--reg-data", "REG", "--class-prompt", "a circle"], "drop --reg-data or it"),
+    (["--reg-data", "REG", "--class-prompt", "a circle"], "drop --reg-data or them"),
+    (["--class-word", "circle"], "--class-word needs --token"),
+    (["--token", "ring", "--class-word", "circle", "--class-prompt", "a circle"], "not both"),
     (["--init-word", "circle"], "--init-word needs --token"),
     (["--embedding-lr", "1e-3"], "--embedding-lr needs --token"),
     (["--text-encoder-lr", "1e-3"], "--text-encoder-lr needs --train-text-encoder"),
