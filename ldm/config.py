@@ -370,7 +370,8 @@ _SGM_DENOISER = "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser"
 _SGM_DISCRETIZATION = "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"
 _SGM_IGNORED = {"disable_first_stage_autocast", "ckpt_path", "sampler_config", "loss_fn_config",
                 "optimizer_config", "scheduler_config", "network_wrapper", "compile_model", "use_ema",
-                "ema_decay_rate", "input_key", "log_keys", "no_cond_log", "en_and_decode_n_samples_a_time"}
+                "ema_decay_rate", "input_key", "log_keys", "no_cond_log", "en_and_decode_n_samples_a_time",
+                "control_stage_config"}  # an SDXL ControlNet's, read by ldm.controlnet_config
 
 
 def _embedder(section: Any, path: str) -> EmbedderConfig:

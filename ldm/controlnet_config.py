@@ -1,7 +1,10 @@
 """Typed ControlNet configuration, read from the ``control_stage_config`` section of the original
 ControlNet YAML (``cldm_v15.yaml`` / ``cldm_v21.yaml``: ``cldm.cldm.ControlNet`` with the UNet's
 params plus ``hint_channels``). The base model of such a file is read by :func:`ldm.config.
-parse_config`; ``target:`` strings are recognised, never imported.
+parse_config`; ``target:`` strings are recognised, never imported. For SDXL the tree is the base
+model's sgm tree with the same section beside ``network_config``, whose params are the sgm UNet's
+(``num_classes: sequential``, ``adm_in_channels``, per-level ``transformer_depth``) plus
+``hint_channels``.
 """
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import (CONFIG_DIR, _UNET_IGNORED, ConfigError, ModelConfig, UNetConfig, _build,
-                     _check_target, _section, parse_config, read_config_tree)
+from .config import (CONFIG_DIR, ConfigError, ModelConfig, UNetConfig, _check_target, _section,
+                     _unet_config, parse_config, read_config_tree)
 
 _CONTROL_TARGETS = ("cldm.cldm.ControlNet",)
 _CONTROL_PATH = "model.params.control_stage_config"
@@ -50,7 +53,7 @@ def validate_controlnet(cfg: ControlNetConfig, base: ModelConfig | None = None,
     if base is not None:
         u = base.unet
         for name in ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
-                     "context_dim"):
+                     "context_dim", "adm_in_channels"):
             if getattr(cfg, name) != getattr(u, name):
                 bad(f"{name} is {getattr(cfg, name)!r}, the UNet's is {getattr(u, name)!r} (the "
                     f"residuals must match the UNet's skip connections)")
@@ -62,7 +65,12 @@ def parse_controlnet_config(tree: dict, source: str = "config") -> ControlNetCon
         section = _section(tree, _CONTROL_PATH, mapping=True)
         _check_target(section, _CONTROL_PATH, _CONTROL_TARGETS)
         path = _CONTROL_PATH + ".params"
-        cfg = _build(ControlNetConfig, _section(tree, path, mapping=True), path, ignore=_UNET_IGNORED)
+        params = dict(_section(tree, path, mapping=True))
+        hint = params.pop("hint_channels", 3)
+        if isinstance(hint, bool) or not isinstance(hint, int):
+            raise ConfigError(f"'{path}.hint_channels' must be an integer, got {hint!r}")
+        # the UNet's reader: sgm's list-valued transformer_depth and num_classes "sequential" too
+        cfg = ControlNetConfig.from_unet(_unet_config(params, path), hint_channels=hint)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     validate_controlnet(cfg, source=source)

@@ -171,6 +171,8 @@ def cldm_tree(model_config, net_config) -> dict:
     tree = config_tree(model_config)
     params = {f.name: list(v) if isinstance(v := getattr(net_config, f.name), tuple) else v
               for f in dataclasses.fields(net_config)}
+    if params.get("adm_in_channels"):  # SDXL: sgm's spelling of a UNet with label_emb
+        params["num_classes"] = "sequential"
     tree["model"]["params"]["control_stage_config"] = {"target": CLDM_TARGET, "params": params}
     return tree
 

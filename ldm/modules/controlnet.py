@@ -6,7 +6,10 @@ one for its middle block, each through a zero-initialised 1×1 convolution ("zer
 Attribute paths equal the keys of the original ControlNet checkpoints (without their optional
 ``control_model.`` prefix): ``time_embed``, ``input_blocks``, ``zero_convs``, ``input_hint_block``,
 ``middle_block``, ``middle_block_out``. The encoder is built by the UNet's own builder, so its keys
-and shapes are those of ``model.diffusion_model``.
+and shapes are those of ``model.diffusion_model``. An SDXL ControlNet also has its own copy of the
+UNet's ``label_emb`` (registered after ``time_embed``, as ComfyUI's ``cldm`` and sgm's UNet order
+it), which reads the same vector ``y`` as the UNet: diffusers' ``add_embedding`` of a
+``ControlNetModel`` with ``addition_embed_type="text_time"``.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 from torch import nn
 
 from ..controlnet_config import ControlNetConfig
-from .unet import UNetModel, build_encoder, embed_time
+from .unet import UNetModel, build_encoder, check_vector, embed_time, label_embedding
 
 STATE_PREFIX = "control_model."
 # channels of the hint encoder's convolutions; a stride-2 convolution ends each group but the last,
@@ -47,6 +50,8 @@ class ControlNet(nn.Module):
         time_embed, input_blocks, middle_block, skip_channels = build_encoder(cfg)
         # registered in the original's order, so state_dict() lists keys as its checkpoints do
         self.time_embed = time_embed
+        if cfg.adm_in_channels:  # SDXL: the vector conditioning y, as the UNet's label_emb
+            self.label_emb = label_embedding(cfg)
         self.input_blocks = input_blocks
         self.zero_convs = nn.ModuleList(zero_conv(ch) for ch in skip_channels)
         self.input_hint_block = hint_encoder(cfg.hint_channels, cfg.model_channels)
@@ -71,8 +76,10 @@ class ControlNet(nn.Module):
 
     def copy_encoder_from(self, unet: UNetModel) -> None:
         """Start from the base UNet's encoder (the paper's "trainable copy"): ``time_embed``,
-        ``input_blocks`` and ``middle_block`` take the UNet's weights."""
-        for name in ("time_embed", "input_blocks", "middle_block"):
+        ``input_blocks`` and ``middle_block`` (and SDXL's ``label_emb``) take the UNet's weights."""
+        for name in ("time_embed", "label_emb", "input_blocks", "middle_block"):
+            if not hasattr(self, name):
+                continue
             getattr(self, name).load_state_dict(getattr(unet, name).state_dict())
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
@@ -82,14 +89,19 @@ class ControlNet(nn.Module):
                 module.gradient_checkpointing = enabled
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
-                context: torch.Tensor) -> list[torch.Tensor]:
+                context: torch.Tensor, y: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One residual per input block (after its zero convolution) and one for the middle block.
 
         ``x``: latents (B, in_channels, h, w); ``hint``: images (B or 1, hint_channels, 8h, 8w),
         in [0, 1] as the original ControlNets were trained; ``timesteps``: one, or one per sample;
-        ``context``: the text conditioning, one row per sample of ``x``.
+        ``context``: the text conditioning, one row per sample of ``x``; ``y``: an SDXL
+        ControlNet's vector conditioning (pooled text and size features), one row per sample, the
+        same the UNet gets (diffusers adds ``add_embedding`` of it to the time embedding).
         """
         emb = embed_time(self.time_embed, self.config.model_channels, timesteps, x)
+        if self.config.adm_in_channels:
+            emb = emb + self.label_emb(check_vector(
+                y, x, self.config.adm_in_channels, "this SDXL ControlNet").to(emb.dtype))
         context = context.to(x.dtype)
         guided_hint = self.input_hint_block(hint.to(x.dtype))
         residuals = []

@@ -136,6 +136,23 @@ def build_encoder(cfg: UNetConfig) -> tuple[nn.Sequential, nn.ModuleList, Timest
     return time_embed, input_blocks, middle_block, skip_channels
 
 
+def label_embedding(cfg: UNetConfig) -> nn.Sequential:
+    """sgm's ``label_emb`` for ``num_classes: sequential``: the vector y → the time embedding's width
+    (keys ``label_emb.0.0``, ``label_emb.0.2``)."""
+    emb_dim = cfg.model_channels * 4
+    return nn.Sequential(nn.Sequential(
+        nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+
+
+def check_vector(y: torch.Tensor | None, x: torch.Tensor, width: int,
+                 what: str = "this UNet") -> torch.Tensor:
+    """``y`` if it has one row of ``width`` per sample of ``x``, else a ValueError."""
+    if y is None or y.shape != (x.shape[0], width):
+        got = None if y is None else tuple(y.shape)
+        raise ValueError(f"{what} needs a vector y of shape ({x.shape[0]}, {width}), got {got}")
+    return y
+
+
 class UNetRunner(Protocol):
     """Runs a :class:`UNetModel` in place of its plain forward: the same function (the outputs may
     differ by float rounding), computed another way. Installed in ``UNetModel.runner``."""
@@ -154,8 +171,7 @@ class UNetModel(nn.Module):
         mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
         self.time_embed, self.input_blocks, self.middle_block, skip_channels = build_encoder(cfg)
         if cfg.adm_in_channels:  # sgm's num_classes "sequential": a vector y added to the time embedding
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+            self.label_emb = label_embedding(cfg)
         ch, ds = skip_channels[-1], 2 ** (len(cfg.channel_mult) - 1)
 
         self.output_blocks = nn.ModuleList()
@@ -189,11 +205,7 @@ class UNetModel(nn.Module):
         ``label_emb(y)`` for a UNet with a vector input (SDXL)."""
         emb = embed_time(self.time_embed, self.config.model_channels, timesteps, x)
         if self.config.adm_in_channels:
-            if y is None or y.shape != (x.shape[0], self.config.adm_in_channels):
-                got = None if y is None else tuple(y.shape)
-                raise ValueError(f"this UNet needs a vector y of shape ({x.shape[0]}, "
-                                 f"{self.config.adm_in_channels}), got {got}")
-            emb = emb + self.label_emb(y.to(emb.dtype))
+            emb = emb + self.label_emb(check_vector(y, x, self.config.adm_in_channels).to(emb.dtype))
         return emb
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
