@@ -8,6 +8,8 @@ the ControlNet's own parts are read off a ControlNet built on the meta device: t
 convolutions in order (``controlnet_cond_embedding.conv_in``, ``.blocks.{j}``, ``.conv_out``), the
 zero convolutions (``controlnet_down_blocks.{i}``, ``controlnet_mid_block``). Tensor shapes are the
 same on both sides: a linear-projection (SD2) config has linear ``proj_in``/``proj_out`` in both.
+An SDXL ControlNet (``addition_embed_type="text_time"``) has ``add_embedding``, our ``label_emb``,
+named by the UNet's table too.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ __all__ = ["controlnet_module_map", "key_map", "from_diffusers", "config_from_di
 
 # keys only diffusers' ControlNetModel has
 DIFFUSERS_MARKERS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
-ENCODER = ("time_embed", "input_blocks", "middle_block")
+ENCODER = ("time_embed", "label_emb", "input_blocks", "middle_block")
 
 
 def _owns_parameters(module: nn.Module) -> bool:
@@ -93,8 +95,9 @@ _CONTROL_FIXED = (
      f"the hint encoder's widths, {list(HINT_CHANNELS)} here"),
     ("controlnet_conditioning_channel_order", ("rgb",), "only rgb hints"),
     ("global_pool_conditions", (False, None), "residuals are not pooled here"),
-    ("encoder_hid_dim_type", (None,), "SD1/SD2 ControlNets have none"),
+    ("encoder_hid_dim_type", (None,), "SD1/SD2/SDXL ControlNets have none"),
 )
+
 
 
 def config_from_diffusers(cfg: dict, path) -> ControlNetConfig:
@@ -113,7 +116,12 @@ def config_from_diffusers(cfg: dict, path) -> ControlNetConfig:
     if isinstance(hint, bool) or not isinstance(hint, int) or hint < 1:
         raise file_error(path, f"conditioning_channels must be a positive integer, got {hint!r}")
     try:
-        unet = unet_config(fields, Path(path))
+        if fields.get("addition_embed_type") is not None:  # SDXL: as its UNet's config.json
+            from .diffusers_sdxl import sdxl_unet_config
+
+            unet = sdxl_unet_config(fields, Path(path))[0]
+        else:
+            unet = unet_config(fields, Path(path))
         control = ControlNetConfig.from_unet(unet, hint_channels=hint)
         validate_controlnet(control, source=str(path))
     except (DiffusersFolderError, ConfigError) as exc:
@@ -144,13 +152,20 @@ def skeleton_config(state_dict: Mapping[str, torch.Tensor], path="state dict") -
         raise file_error(path, "diffusers-layout ControlNet without down_blocks.*")
     mult = tuple(int(need(f"down_blocks.{i}.resnets.0.conv1.weight").shape[0]) // mc for i in levels)
     attn = [i for i in levels if _indices(keys, rf"down_blocks\.{i}\.attentions\.(\d+)\.")]
-    depth = len(_indices(keys, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
+    middle = len(_indices(keys, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
+    # SDXL: a depth per level (levels without attention take 1, unused)
+    per_level = [len(_indices(keys, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\."))
+                 if i in attn else 1 for i in levels]
+    depth = max(middle, 1) if set(per_level[i] for i in attn) <= {middle} else tuple(per_level)
+    adm = state_dict.get("add_embedding.linear_1.weight")
     proj = need("mid_block.attentions.0.proj_in.weight")
     context = need("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight").shape[1]
     return ControlNetConfig(
         in_channels=int(in_ch), model_channels=int(mc), channel_mult=mult,
         attention_resolutions=tuple(2 ** i for i in attn),
         num_res_blocks=len(_indices(keys, r"down_blocks\.0\.resnets\.(\d+)\.")),
-        num_heads=1, num_head_channels=-1, transformer_depth=max(depth, 1),
+        num_heads=1, num_head_channels=-1, transformer_depth=depth,
+        transformer_depth_middle=-1 if isinstance(depth, int) or depth[-1] == middle else middle,
+        adm_in_channels=0 if adm is None else int(adm.shape[1]),
         context_dim=int(context), use_linear_in_transformer=proj.dim() == 2,
         hint_channels=int(need("controlnet_cond_embedding.conv_in.weight").shape[1]))

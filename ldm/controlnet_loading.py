@@ -8,7 +8,9 @@ reading (:mod:`ldm.controlnet_diffusers`). The config is the caller's (a :class:
 a cldm YAML or a built-in cldm config stem), else the folder's ``config.json``, else read from the
 tensor shapes: everything but the attention heads, which no shape depends on and which come from
 the base model when one is given, else from the family's rule (context width 768: SD1, 8 heads;
-1024: SD2, 64-wide heads).
+1024: SD2, 64-wide heads; 2048: SDXL, 64-wide heads). An SDXL ControlNet is told by its
+``label_emb`` (diffusers: ``add_embedding``), the vector conditioning's input, and has a transformer
+depth per level as the SDXL UNet.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from .controlnet_config import (ControlNetConfig, builtin_cldm_config, load_cldm
                                 parse_cldm_config)
 from .controlnet_diffusers import (DIFFUSERS_MARKERS, config_from_diffusers, from_diffusers,
                                   skeleton_config)
-from .infer_config import Shapes, attention_resolutions, head_rule, read_encoder, read_transformers
+from .infer_config import Shapes, attention_resolutions, head_rule, read_encoder
 from .modules.controlnet import STATE_PREFIX, ControlNet, strip_prefix
 from .weights_io import MappedFile, file_error, parse_dtype, read_safetensors_metadata, read_weights
 
@@ -40,7 +42,8 @@ CONTROL_MARKERS = ("input_hint_block.", "zero_convs.", "middle_block_out.")
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 # context width → (family, built-in config whose head rule it follows)
-FAMILIES = {768: ("sd1", "v1-inference"), 1024: ("sd2", "v2-inference")}
+FAMILIES = {768: ("sd1", "v1-inference"), 1024: ("sd2", "v2-inference"), 2048: ("sdxl", "sd_xl_base")}
+ADM_KEY = "label_emb.0.0.weight"  # SDXL's vector input (its width: adm_in_channels)
 
 
 def _bare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,13 +71,54 @@ def _context_key(sd: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def controlnet_family(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """``"sd1"`` / ``"sd2"`` from the cross-attention's context width (768 / 1024), else None."""
+    """``"sdxl"`` when it has ``label_emb`` (the vector conditioning only SDXL has), else ``"sd1"`` /
+    ``"sd2"`` from the cross-attention's context width (768 / 1024), else None."""
     sd = _bare(state_dict)
+    if ADM_KEY in sd:
+        return "sdxl"
     key = _context_key(sd)
     if key is None or sd[key].dim() != 2:
         return None
     family = FAMILIES.get(int(sd[key].shape[1]))
     return family[0] if family else None
+
+
+def _family_label(sdxl: bool, context_dim: int | None) -> str | None:
+    """A family's name for error messages: SDXL, SD1, SD2, "SD1/SD2" for another width without
+    label_emb (None when nothing tells)."""
+    if sdxl:
+        return "SDXL"
+    family = FAMILIES.get(context_dim)
+    return family[0].upper() if family and family[0] != "sdxl" else None
+
+
+def _depths(sh: Shapes, enc, nrb: int) -> tuple[dict[int, int], int]:
+    """Transformer blocks per attention level (one count per level, else an error) and in the
+    middle block; ``enc.transformers`` lists ``nrb`` transformers per attention level, in order."""
+    per_level: dict[int, set[int]] = {}
+    for j, (prefix, _) in enumerate(enc.transformers):
+        level = enc.attn_levels[j // nrb]
+        count = len(sh.indices(prefix + "transformer_blocks."))
+        per_level.setdefault(level, set()).add(count)
+    uneven = [lv for lv, counts in per_level.items() if len(counts) != 1]
+    if uneven:
+        raise sh.error(f"ControlNet level {uneven[0]} has transformers of different depths "
+                       f"{sorted(per_level[uneven[0]])}; not a layout this loader knows")
+    middle = len(sh.indices("middle_block.1.transformer_blocks."))
+    return {lv: counts.pop() for lv, counts in per_level.items()}, middle
+
+
+def _depth_fields(levels: dict[int, int], middle: int, count: int, template) -> dict:
+    """``transformer_depth`` (one number when every transformer agrees and the template has one,
+    else one per level, levels without attention taking the template's unused value) and
+    ``transformer_depth_middle`` (-1 when it is the last level's, sgm's rule)."""
+    if isinstance(template.transformer_depth, int) and len(set(levels.values()) | {middle}) == 1:
+        return {"transformer_depth": middle, "transformer_depth_middle": -1}
+    fill = [template.depth_at(i) if isinstance(template.transformer_depth, int)
+            or i < len(template.transformer_depth) else 1 for i in range(count)]
+    depth = tuple(levels.get(i, fill[i]) for i in range(count))
+    return {"transformer_depth": depth,
+            "transformer_depth_middle": -1 if middle == depth[-1] else middle}
 
 
 # ------------------------------------------------------------------------------- config inference
@@ -98,11 +142,14 @@ def infer_controlnet_config(state_dict: Mapping[str, torch.Tensor], base: ModelC
     if not sh.has("middle_block.1.proj_in.weight"):
         raise sh.error("middle_block.1 is not a SpatialTransformer (no proj_in); "
                        "not a ControlNet layout this loader knows")
-    transformers = [("middle_block.1.", mc * mult[-1]), *enc.transformers]
-    depth, context_dim, use_linear = read_transformers(sh, transformers, "", "ControlNet")
-    rules.append(f"transformer_depth = {depth}, context_dim = {context_dim} (attn2.to_k.weight), "
-                 f"use_linear_in_transformer = {use_linear} (proj_in.weight is "
-                 f"{'2-D' if use_linear else '4-D'})")
+    adm = sh(ADM_KEY)[1] if sh.has(ADM_KEY) else 0
+    if adm:
+        rules.append(f"adm_in_channels = {adm} ({ADM_KEY}: SDXL's vector conditioning)")
+    context_dim, use_linear = _context_and_projection(sh, mc * mult[-1], enc.transformers)
+    levels, middle = _depths(sh, enc, nrb)
+    rules.append(f"transformer depths per attention level {levels}, middle {middle}, context_dim = "
+                 f"{context_dim} (attn2.to_k.weight), use_linear_in_transformer = {use_linear} "
+                 f"(proj_in.weight is {'2-D' if use_linear else '4-D'})")
 
     if base is not None:
         template, heads_from = base.unet, "the base model's"
@@ -110,9 +157,9 @@ def infer_controlnet_config(state_dict: Mapping[str, torch.Tensor], base: ModelC
         family, name = FAMILIES[context_dim]
         template, heads_from = builtin_config(name).unet, f"the {family} family's ({name})"
     else:
-        raise sh.error(f"cannot tell the attention heads: context width {context_dim} is neither "
-                       "SD1's (768) nor SD2's (1024) and heads cannot be read from shapes; pass the "
-                       "base model or a config")
+        raise sh.error(f"cannot tell the attention heads: context width {context_dim} is not "
+                       "SD1's (768), SD2's (1024) or SDXL's (2048) and heads cannot be read from "
+                       "shapes; pass the base model or a config")
     widths = sorted({mc * mult[i] for i in attn_levels} | {mc * mult[-1]})
     rule, bad = head_rule(template, widths)
     if bad:
@@ -124,9 +171,27 @@ def infer_controlnet_config(state_dict: Mapping[str, torch.Tensor], base: ModelC
                  "proj_in keys)")
     unet = dataclasses.replace(
         template, in_channels=in_ch, model_channels=mc, attention_resolutions=resolutions,
-        num_res_blocks=nrb, channel_mult=mult, transformer_depth=depth,
-        context_dim=context_dim, use_linear_in_transformer=use_linear)
+        num_res_blocks=nrb, channel_mult=mult, context_dim=context_dim,
+        use_linear_in_transformer=use_linear, adm_in_channels=adm,
+        **_depth_fields(levels, middle, len(mult), template))
     return ControlNetConfig.from_unet(unet, hint_channels=hint), rules
+
+
+def _context_and_projection(sh: Shapes, middle_width: int, transformers) -> tuple[int, bool]:
+    """The context width and projection kind every transformer shares (depths may differ per
+    level: SDXL)."""
+    contexts, linear = set(), set()
+    for prefix, ch in [("middle_block.1.", middle_width), *transformers]:
+        contexts.add(sh(prefix + "transformer_blocks.0.attn2.to_k.weight")[1])
+        proj = sh(prefix + "proj_in.weight")
+        linear.add(len(proj) == 2)
+        if proj[0] != ch:
+            raise sh.error(f"{prefix}proj_in maps {ch} channels to an attention width of "
+                           f"{proj[0]}: the head layout cannot be read from shapes; pass a config")
+    if len(contexts) != 1 or len(linear) != 1:
+        raise sh.error("ControlNet transformers disagree on context width or projection kind; "
+                       "not a layout this loader knows")
+    return contexts.pop(), linear.pop()
 
 
 def resolve_controlnet_config(config, path, state_dict: Mapping[str, torch.Tensor],
@@ -178,17 +243,21 @@ def check_fits_base(sd: Mapping[str, torch.Tensor], base: ModelConfig, path) -> 
     want = ControlNetConfig.from_unet(unet, hint_channels=sd["input_hint_block.0.weight"].shape[1])
     with torch.device("meta"):
         expected = ControlNet(want).state_dict()
-    encoder = ("time_embed.", "input_blocks.", "middle_block.")  # the copy of the UNet's encoder
+    encoder = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")  # the UNet's copy
     differ = [k for k in expected if k.startswith(encoder) and k in sd
               and tuple(sd[k].shape) != tuple(expected[k].shape)]
     absent = [k for k in expected if k not in sd and k.startswith(("input_blocks.", "middle_block."))]
     extra = [k for k in sd if k not in expected and k.startswith(("input_blocks.", "middle_block."))]
     here_ctx = _context_key(sd)
-    ours = FAMILIES.get(int(sd[here_ctx].shape[1]))[0].upper() if here_ctx and sd[here_ctx].dim() == 2 \
-        and int(sd[here_ctx].shape[1]) in FAMILIES else None
-    theirs = FAMILIES.get(base.unet.context_dim, ("",))[0].upper() or None
+    ours = _family_label(ADM_KEY in sd, int(sd[here_ctx].shape[1])
+                         if here_ctx and sd[here_ctx].dim() == 2 else None)
+    theirs = _family_label(base.is_sdxl, base.unet.context_dim)
+    if (ours == "SDXL") != (theirs == "SDXL"):  # label_emb tells SDXL at any width
+        ours, theirs = ours or "SD1/SD2", theirs or "SD1/SD2"
     guess = (f" (an {ours} ControlNet on an {theirs} model?)" if ours and theirs and ours != theirs
              else "")
+    if ADM_KEY in expected and ADM_KEY not in sd:
+        absent.insert(0, ADM_KEY)
     if differ:
         key = next((k for k in differ if ".attn2.to_k." in k), differ[0])
         raise file_error(path, f"made for another model: {key} is {list(sd[key].shape)} here but "
