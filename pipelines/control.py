@@ -15,6 +15,10 @@ The behaviour is sd-webui-controlnet's and diffusers' (``StableDiffusionControlN
 
 A unit whose weight is 0, or whose window never opens, is not run at all, so the image is the one
 made without it, bit for bit.
+
+On SDXL the ControlNet gets the UNet's vector conditioning ``y`` beside the context, row for row
+(diffusers' ``StableDiffusionXLControlNetPipeline`` passes the UNet's ``added_cond_kwargs``; in
+guess mode the conditional half of both).
 """
 from __future__ import annotations
 
@@ -178,15 +182,19 @@ class PreparedUnit:
         return self.unit.control_mode == "control"
 
     def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                  copies: int) -> list[torch.Tensor]:
-        """Residuals with one row per row of ``context`` (``copies`` conditionings of ``x``)."""
+                  copies: int, y: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Residuals with one row per row of ``context`` (``copies`` conditionings of ``x``);
+        ``y``: SDXL's vector conditioning, in the rows of ``context``."""
+        extra = {} if y is None else {"y": y}
         if self.cond_only and copies > 1:  # the conditional half only; zeros for the rest
             rows = x.shape[0]
-            out = self.net(x, self.hint, t, context[-rows:])
+            if y is not None:
+                extra["y"] = y[-rows:]
+            out = self.net(x, self.hint, t, context[-rows:], **extra)
             zero = [torch.zeros_like(r) for r in out]
             return [torch.cat([z] * (copies - 1) + [r * s]) for z, r, s in zip(zero, out, self.scales)]
         hint = torch.cat([self.hint] * copies) if copies > 1 else self.hint
-        out = self.net(torch.cat([x] * copies) if copies > 1 else x, hint, t, context)
+        out = self.net(torch.cat([x] * copies) if copies > 1 else x, hint, t, context, **extra)
         return [r * s for r, s in zip(out, self.scales)]
 
 
@@ -197,15 +205,16 @@ class ControlStack:
     units: list[PreparedUnit]
     total: int  # steps that run
 
-    def residuals(self, step: int, x: torch.Tensor, t: torch.Tensor,
-                  context: torch.Tensor) -> list[torch.Tensor] | None:
-        """The summed residuals of the units active at ``step``, or None when none is."""
+    def residuals(self, step: int, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                  y: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+        """The summed residuals of the units active at ``step``, or None when none is; ``y``:
+        SDXL's vector conditioning (one row per row of ``context``), None for SD1/SD2."""
         copies = context.shape[0] // x.shape[0]
         summed = None
         for prepared in self.units:
             if not prepared.unit.active(step, self.total):
                 continue
-            out = prepared.residuals(x, t, context, copies)
+            out = prepared.residuals(x, t, context, copies, y)
             summed = out if summed is None else [a + b for a, b in zip(summed, out)]
         return summed
 

@@ -153,7 +153,8 @@ def denoise(model, latents: torch.Tensor, schedule: Schedule, conditioning: Cond
         for i, t in enumerate(timesteps):
             run.begin_step()
             x = scheduler.scale_model_input(latents, t).to(dtype)
-            residuals = None if control is None else control.residuals(i, x, t, context)
+            residuals = None if control is None else control.residuals(i, x, t, context,
+                                                                       conditioning.y)
             extra = {} if conditioning.y is None else {"y": conditioning.y}
             out = model.apply_model(x, t.expand(x.shape[0]), context, concat=concat,
                                     control=residuals, **extra)

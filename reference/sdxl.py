@@ -24,6 +24,54 @@ def diffusers_sdxl_unet(tree: dict, cfg: ModelConfig, state_dict: dict):
     return unet.eval()
 
 
+def sdxl_cldm_tree(tree: dict, hint_channels: int = 3, **unet_changes) -> dict:
+    """An sgm tree with a ``control_stage_config`` beside ``network_config``: the UNet's params
+    (``unet_changes`` applied to both, e.g. ``in_channels=4`` for an inpainting base's ControlNet)
+    plus ``hint_channels``, as a cldm YAML pairs them."""
+    import copy
+
+    tree = copy.deepcopy(tree)
+    p = tree["model"]["params"]
+    unet = dict(p["network_config"]["params"], **unet_changes)
+    p["network_config"]["params"] = unet
+    p["control_stage_config"] = {"target": "cldm.cldm.ControlNet",
+                                 "params": dict(unet, hint_channels=hint_channels)}
+    return tree
+
+
+def diffusers_sdxl_controlnet(tree: dict, cfg: ModelConfig, state_dict: dict):
+    """diffusers' ControlNetModel (``addition_embed_type="text_time"``) holding ``state_dict``
+    (original keys, with or without ``control_model.``). ``tree``: :func:`sdxl_cldm_tree`'s.
+
+    The config is built as ``create_controlnet_diffusers_config_from_ldm`` builds it (which raises
+    a TypeError in 0.42.1, see reference.models.diffusers_controlnet), with the text_time embedding
+    set as for the UNet at reduced width. ``convert_controlnet_checkpoint`` converts everything but
+    ``label_emb`` (0.42.1 copies only its "layers" table; diffusers reads SDXL ControlNets in its
+    own layout only): that one is copied by diffusers' own ``DIFFUSERS_TO_LDM_MAPPING["controlnet"]
+    ["addition_embed_type"]`` table."""
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING,
+                                                     convert_controlnet_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm)
+
+    unet = create_unet_diffusers_config_from_ldm(tree, state_dict)
+    outdim = next(e.outdim for e in cfg.conditioner.embedders if e.text is None)
+    unet.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=outdim)
+    hint = tree["model"]["params"]["control_stage_config"]["params"]["hint_channels"]
+    config = {"conditioning_channels": hint, **{k: unet[k] for k in (
+        "in_channels", "down_block_types", "block_out_channels", "layers_per_block",
+        "cross_attention_dim", "attention_head_dim", "use_linear_projection", "class_embed_type",
+        "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+        "transformer_layers_per_block")}}
+    model = ControlNetModel(**config)
+    converted = convert_controlnet_checkpoint(state_dict, dict(model.config))
+    bare = {k.removeprefix("control_model."): v for k, v in state_dict.items()}
+    for theirs, ours in DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"].items():
+        converted[theirs] = bare[ours]
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
 def _hf_config(cfg: TextEncoderConfig):
     from transformers import CLIPTextConfig
 
@@ -64,9 +112,10 @@ def diffusers_time_ids(values: dict[str, torch.Tensor], keys: list[str]) -> torc
     return torch.cat([values[k].reshape(values[k].shape[0], -1) for k in keys], dim=1).float()
 
 
-def sdxl_pipeline(model, tree: dict, scheduler, task: str = "txt2img"):
-    """diffusers' StableDiffusionXL(Img2Img)Pipeline on CPU in fp32 holding ``model``'s weights
-    (``tree``: its sgm config); the refiner has no CLIP-L tower and no zeroed negatives."""
+def sdxl_pipeline(model, tree: dict, scheduler, task: str = "txt2img", controlnet=None):
+    """diffusers' StableDiffusionXL(Img2Img|Inpaint)Pipeline on CPU in fp32 holding ``model``'s
+    weights (``tree``: its sgm config); the refiner has no CLIP-L tower and no zeroed negatives.
+    With ``controlnet`` (a ControlNetModel, or a list): the ControlNet pipeline of the task."""
     import diffusers
 
     from reference.models import diffusers_vae
@@ -88,18 +137,24 @@ def sdxl_pipeline(model, tree: dict, scheduler, task: str = "txt2img"):
     cls = {"txt2img": diffusers.StableDiffusionXLPipeline,
            "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
            "inpaint": diffusers.StableDiffusionXLInpaintPipeline}[task]
+    if controlnet is not None:
+        cls = {"txt2img": diffusers.StableDiffusionXLControlNetPipeline,
+               "img2img": diffusers.StableDiffusionXLControlNetImg2ImgPipeline,
+               "inpaint": diffusers.StableDiffusionXLControlNetInpaintPipeline}[task]
+        parts["controlnet"] = controlnet
     pipe = cls(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def random_sdxl_model(kind: str = "sdxl"):
+def random_sdxl_model(kind: str = "sdxl", downscale: int = 2):
     """A tiny SDXL model whose images depend visibly on prompt and guidance (as
-    reference.pipelines.random_model: the UNet randomised at unit scale)."""
+    reference.pipelines.random_model: the UNet randomised at unit scale); ``downscale`` 8 for
+    ControlNet hints."""
     from ldm.model import LatentDiffusion
     from reference.models import randomize_
     from reference.tiny import tiny_sdxl_config
 
-    model = randomize_(LatentDiffusion(tiny_sdxl_config(kind)), seed=1)
+    model = randomize_(LatentDiffusion(tiny_sdxl_config(kind, downscale)), seed=1)
     randomize_(model.model.diffusion_model, seed=2, scale=1.0)
     return model.eval()

@@ -42,11 +42,12 @@ def tiny_config(kind: str = "sd1") -> ModelConfig:
     return parse_config(tiny_tree(kind), f"tiny-{kind}")
 
 
-def tiny_sdxl_tree(kind: str = "sdxl") -> dict:
+def tiny_sdxl_tree(kind: str = "sdxl", downscale: int = 2) -> dict:
     """An sgm (generative-models) config tree at the width of diffusers' own SDXL pipeline tests:
     UNet levels of 32/64 channels with transformer depths [1, 2] (attention on the second level
     only, head width 16), CLIP and bigG towers of width 32 (5 blocks, 4 heads), 8-wide Fourier
-    features; ``kind``: ``sdxl``, ``sdxl-refiner`` or ``sdxl-inpaint``."""
+    features; ``kind``: ``sdxl``, ``sdxl-refiner`` or ``sdxl-inpaint``; ``downscale``: the
+    autoencoder's factor (8 as in SDXL, for ControlNet hints; 2 is cheaper)."""
     base = {"sdxl": "sd_xl_base", "sdxl-refiner": "sd_xl_refiner", "sdxl-inpaint": "sd_xl_inpaint"}[kind]
     tree = copy.deepcopy(_base(base))
     p = tree["model"]["params"]
@@ -63,9 +64,10 @@ def tiny_sdxl_tree(kind: str = "sdxl") -> dict:
     unet.update(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2],
                 transformer_depth=[1, 2], num_head_channels=16, context_dim=32 * texts,
                 adm_in_channels=32 + 8 * (2 * (len(models) - texts) - (kind == "sdxl-refiner")))
-    p["first_stage_config"]["params"]["ddconfig"].update(ch=32, ch_mult=[1, 2], resolution=64)
+    levels = {2: [1, 2], 8: [1, 1, 2, 2]}[downscale]
+    p["first_stage_config"]["params"]["ddconfig"].update(ch=32, ch_mult=levels, resolution=64)
     return tree
 
 
-def tiny_sdxl_config(kind: str = "sdxl") -> ModelConfig:
-    return parse_config(tiny_sdxl_tree(kind), f"tiny-{kind}")
+def tiny_sdxl_config(kind: str = "sdxl", downscale: int = 2) -> ModelConfig:
+    return parse_config(tiny_sdxl_tree(kind, downscale), f"tiny-{kind}")
