@@ -89,7 +89,9 @@ def _controlnet_info(path: Path) -> tuple[Path, dict, str, list[str], str, list[
     kind = controlnet_family(state)
     family = f"controlnet ({kind or 'unknown'})"
     rules = [found.layout]
-    if kind:
+    if kind == "sdxl":
+        rules.append("label_emb keys (the vector conditioning only SDXL has): sdxl")
+    elif kind:
         rules.append(f"cross-attention context width {768 if kind == 'sd1' else 1024}: {kind}")
     config_rules: list[str] = []
     try:

@@ -79,3 +79,9 @@ def test_controlnet_of_the_other_family_is_one_error(files, hint, capsys, checkp
                                  "attn2.to_k.weight is [64, ")
     assert line.endswith(guess)
     assert files_under(hint) == before
+
+
+def test_ldm_info_names_an_sdxl_controlnet(files, capsys):
+    code, out, err = run(["info", files / "cn-xl.safetensors"], capsys)
+    assert code == 0, err
+    assert "family: controlnet (sdxl)\n" in out and "label_emb keys" in out
