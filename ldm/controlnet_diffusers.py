@@ -99,7 +99,6 @@ _CONTROL_FIXED = (
 )
 
 
-
 def config_from_diffusers(cfg: dict, path) -> ControlNetConfig:
     """A ``ControlNetModel`` ``config.json`` (as a dict) → our config; a field our ControlNet
     cannot honour is refused with one CheckpointError line naming it."""

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ldm.config import builtin_config
 from ldm.controlnet_config import ControlNetConfig, parse_cldm_config
-from ldm.controlnet_diffusers import config_from_diffusers, key_map
+from ldm.controlnet_diffusers import config_from_diffusers, from_diffusers, key_map, skeleton_config
 from ldm.controlnet_loading import (check_fits_base, controlnet_family, infer_controlnet_config,
                                     load_controlnet)
 from ldm.model import LatentDiffusion
@@ -277,6 +277,9 @@ def test_full_size_sdxl_controlnet_equals_diffusers_on_meta():
     from_json = config_from_diffusers(SDXL_CONFIG, "config.json")
     assert dataclasses.replace(from_json, attention_resolutions=cfg.attention_resolutions,
                                num_heads=cfg.num_heads) == cfg
+    # a diffusers single file (no config.json): named from its keys, then read from its shapes
+    renamed = from_diffusers(ref.state_dict(), skeleton_config(ref.state_dict()))
+    assert set(renamed) == set(sd) and infer_controlnet_config(renamed)[0] == cfg
 
 
 def test_full_size_other_family_named():
