@@ -287,6 +287,8 @@ def train(settings: ControlNetSettings, model=None) -> Summary:
         raise TrainingError(f"--resolution {resolution}: must be a multiple of {downscale} for this model")
     if model.config.is_inpainting:
         raise TrainingError("an inpainting base model; ControlNet training takes text-to-image models")
+    if model.config.is_sdxl:  # SDXL ControlNets load and generate; training needs y per batch
+        raise TrainingError("an SDXL base model; ControlNet training takes SD1/SD2 models for now")
     engine.seed()
     net = _freeze(engine, model, settings)
     data = ControlPairs(examples, resolution, resolution // downscale * 8, settings.caption_dropout,

@@ -247,6 +247,21 @@ def test_bad_inputs_give_one_error_line(files, tmp_path, capsys, case, fragment,
     assert not out.exists() and not out.with_name("c-checkpoints").exists()
 
 
+def test_an_sdxl_base_is_one_error_line(files, tmp_path, capsys):
+    """SDXL ControlNets load and generate; training one is not supported yet, and says so."""
+    from ldm.checkpoint import save_checkpoint
+    from reference.sdxl import random_sdxl_model
+
+    save_checkpoint(random_sdxl_model(), tmp_path / "xl.safetensors")
+    out = tmp_path / "c.safetensors"
+    code = main([str(a) for a in ["train-controlnet", "--data", files["data"], "--checkpoint",
+                                  tmp_path / "xl.safetensors", "--output", out, "--resolution", 16,
+                                  "--max-steps", 1, "-q"]])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: ") and "SDXL base" in err, err
+    assert not out.exists()
+
+
 def test_help_is_the_training_parser(capsys):
     assert main(["train-controlnet", "--help"]) == 0
     assert "usage: ldm train-controlnet" in capsys.readouterr().out
