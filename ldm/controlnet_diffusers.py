@@ -155,10 +155,12 @@ def skeleton_config(state_dict: Mapping[str, torch.Tensor], path="state dict") -
     # SDXL: a depth per level (levels without attention take 1, unused)
     per_level = [len(_indices(keys, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\."))
                  if i in attn else 1 for i in levels]
-    depth = max(middle, 1) if set(per_level[i] for i in attn) <= {middle} else tuple(per_level)
+    depth = middle if set(per_level[i] for i in attn) <= {middle} else tuple(per_level)
     adm = state_dict.get("add_embedding.linear_1.weight")
     proj = need("mid_block.attentions.0.proj_in.weight")
-    context = need("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight").shape[1]
+    # no name depends on the context width (depth-0 transformers have no key holding it)
+    to_k = [k for k in keys if k.endswith("transformer_blocks.0.attn2.to_k.weight")]
+    context = state_dict[to_k[0]].shape[1] if to_k else 1
     return ControlNetConfig(
         in_channels=int(in_ch), model_channels=int(mc), channel_mult=mult,
         attention_resolutions=tuple(2 ** i for i in attn),

@@ -10,7 +10,7 @@ tensor shapes: everything but the attention heads, which no shape depends on and
 the base model when one is given, else from the family's rule (context width 768: SD1, 8 heads;
 1024: SD2, 64-wide heads; 2048: SDXL, 64-wide heads). An SDXL ControlNet is told by its
 ``label_emb`` (diffusers: ``add_embedding``), the vector conditioning's input, and has a transformer
-depth per level as the SDXL UNet.
+depth per level as the SDXL UNet, or fewer blocks (no residual's shape depends on them).
 """
 from __future__ import annotations
 
@@ -146,6 +146,11 @@ def infer_controlnet_config(state_dict: Mapping[str, torch.Tensor], base: ModelC
     if adm:
         rules.append(f"adm_in_channels = {adm} ({ADM_KEY}: SDXL's vector conditioning)")
     context_dim, use_linear = _context_and_projection(sh, mc * mult[-1], enc.transformers)
+    if context_dim is None:  # only depth-0 transformers: no key holds the context width
+        if base is None:
+            raise sh.error("no transformer block tells the context width; pass the base model "
+                           "or a config")
+        context_dim = base.unet.context_dim
     levels, middle = _depths(sh, enc, nrb)
     rules.append(f"transformer depths per attention level {levels}, middle {middle}, context_dim = "
                  f"{context_dim} (attn2.to_k.weight), use_linear_in_transformer = {use_linear} "
@@ -182,16 +187,17 @@ def _context_and_projection(sh: Shapes, middle_width: int, transformers) -> tupl
     level: SDXL)."""
     contexts, linear = set(), set()
     for prefix, ch in [("middle_block.1.", middle_width), *transformers]:
-        contexts.add(sh(prefix + "transformer_blocks.0.attn2.to_k.weight")[1])
+        if sh.has(prefix + "transformer_blocks.0.attn2.to_k.weight"):  # none in a depth-0 one
+            contexts.add(sh(prefix + "transformer_blocks.0.attn2.to_k.weight")[1])
         proj = sh(prefix + "proj_in.weight")
         linear.add(len(proj) == 2)
         if proj[0] != ch:
             raise sh.error(f"{prefix}proj_in maps {ch} channels to an attention width of "
                            f"{proj[0]}: the head layout cannot be read from shapes; pass a config")
-    if len(contexts) != 1 or len(linear) != 1:
+    if len(contexts) > 1 or len(linear) != 1:
         raise sh.error("ControlNet transformers disagree on context width or projection kind; "
                        "not a layout this loader knows")
-    return contexts.pop(), linear.pop()
+    return (contexts.pop() if contexts else None), linear.pop()
 
 
 def resolve_controlnet_config(config, path, state_dict: Mapping[str, torch.Tensor],
@@ -232,6 +238,26 @@ def _embedded_cldm_config(path) -> ControlNetConfig | None:
 
 # ---------------------------------------------------------------------------------------- loading
 
+def _blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+    return len({key[len(prefix):].split(".")[0] for key in sd if key.startswith(prefix)})
+
+
+def _own_depths(sd: Mapping[str, torch.Tensor], unet) -> dict:
+    """The ControlNet's transformer depths at ``unet``'s attention levels: no residual's shape
+    depends on them, and diffusers' smaller SDXL ControlNets have fewer blocks
+    than the UNet they steer (or none: a transformer of norm and projections only)."""
+    per_block, levels = unet.num_res_blocks + 1, {}  # ResBlocks then a Downsample per level
+    attn = {i for i in range(len(unet.channel_mult)) if 2 ** i in unet.attention_resolutions}
+    for level in attn:
+        found = {_blocks(sd, f"input_blocks.{level * per_block + j + 1}.1.transformer_blocks.")
+                 for j in range(unet.num_res_blocks)}
+        if len(found) != 1:
+            return {}  # uneven: the keys are compared as they are
+        levels[level] = found.pop()
+    return _depth_fields(levels, _blocks(sd, "middle_block.1.transformer_blocks."),
+                         len(unet.channel_mult), unet)
+
+
 def check_fits_base(sd: Mapping[str, torch.Tensor], base: ModelConfig, path) -> None:
     """Refuse a ControlNet (original keys, no prefix; only shapes are read, meta tensors do) whose
     residuals cannot fit ``base``'s UNet: one layer and both shapes named."""
@@ -239,7 +265,8 @@ def check_fits_base(sd: Mapping[str, torch.Tensor], base: ModelConfig, path) -> 
         return  # strict key checking names what is missing
     # the ControlNet's own input convolution and hint encoder need not match the base (e.g. an
     # inpainting base UNet reads 9 channels, its ControlNets 4)
-    unet = dataclasses.replace(base.unet, in_channels=sd["input_blocks.0.0.weight"].shape[1])
+    unet = dataclasses.replace(base.unet, in_channels=sd["input_blocks.0.0.weight"].shape[1],
+                               **_own_depths(sd, base.unet))
     want = ControlNetConfig.from_unet(unet, hint_channels=sd["input_hint_block.0.weight"].shape[1])
     with torch.device("meta"):
         expected = ControlNet(want).state_dict()

@@ -72,6 +72,23 @@ def diffusers_sdxl_controlnet(tree: dict, cfg: ModelConfig, state_dict: dict):
     return model.eval()
 
 
+def random_diffusers_sdxl_controlnet(seed: int = 3, depths=(1, 2)):
+    """A text_time ControlNetModel with the tiny SDXL structure (head width 16: 2 and 4 heads);
+    ``depths``: transformer blocks per level (the tiny UNet's (1, 2); fewer, as diffusers' smaller
+    SDXL ControlNets have)."""
+    from diffusers import ControlNetModel
+
+    from reference.models import randomize_
+
+    model = ControlNetModel(
+        in_channels=4, conditioning_channels=3, block_out_channels=[32, 64],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], layers_per_block=2,
+        cross_attention_dim=64, attention_head_dim=[2, 4], use_linear_projection=True,
+        transformer_layers_per_block=list(depths), addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+    return randomize_(model, seed=seed, scale=0.5).eval()
+
+
 def _hf_config(cfg: TextEncoderConfig):
     from transformers import CLIPTextConfig
 

@@ -21,7 +21,8 @@ from ldm.model import LatentDiffusion
 from ldm.modules.controlnet import ControlNet
 from ldm.weights_io import CheckpointError
 from reference.models import max_error, randomize_
-from reference.sdxl import diffusers_sdxl_controlnet, diffusers_time_ids, sdxl_cldm_tree
+from reference.sdxl import (diffusers_sdxl_controlnet, diffusers_time_ids,
+                            random_diffusers_sdxl_controlnet, sdxl_cldm_tree)
 from reference.tiny import tiny_config, tiny_sdxl_config, tiny_sdxl_tree
 from tests.ldm.test_parity import check_close, swap
 
@@ -167,22 +168,9 @@ def test_cldm_tree_with_another_vector_width_is_refused():
 
 # ---------------------------------------------------------------- diffusers' layout
 
-def diffusers_model(seed: int = 3):
-    """A text_time ControlNetModel with the tiny SDXL structure (head width 16: 2 and 4 heads)."""
-    from diffusers import ControlNetModel
-
-    model = ControlNetModel(
-        in_channels=4, conditioning_channels=3, block_out_channels=[32, 64],
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], layers_per_block=2,
-        cross_attention_dim=64, attention_head_dim=[2, 4], use_linear_projection=True,
-        transformer_layers_per_block=[1, 2], addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
-    return randomize_(model, seed=seed, scale=0.5).eval()
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    model = diffusers_model()
+    model = random_diffusers_sdxl_controlnet()
     folder = tmp_path_factory.mktemp("cn-xl")
     model.save_pretrained(folder / "folder")
     single = folder / "controlnet-xl.safetensors"
@@ -207,6 +195,20 @@ def test_diffusers_single_file_matches_diffusers(saved, conditioner):
     net = load_controlnet(single, tiny_sdxl_config())
     assert net.config == ControlNetConfig.from_unet(tiny_sdxl_config().unet)
     assert_residuals_equal(net, model, conditioner, what="single file")
+
+
+@pytest.mark.parametrize("depths", [(1, 1), (1, 0)], ids=["shallower", "no-blocks"])
+def test_shallower_controlnets_load_and_match_diffusers(conditioner, tmp_path, depths):
+    """Fewer transformer blocks than the base UNet (none at all: norm and projections only) change
+    no residual's shape: folder and single file load on the base and match diffusers."""
+    model = random_diffusers_sdxl_controlnet(seed=5, depths=depths)
+    model.save_pretrained(tmp_path / "folder")
+    single = tmp_path / "cn.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(single))
+    for path in (tmp_path / "folder", single):
+        net = load_controlnet(path, tiny_sdxl_config())
+        assert net.config.transformer_depth == depths and net.config.middle_depth == depths[-1]
+        assert_residuals_equal(net, model, conditioner, what=f"{path.name} depths {depths}")
 
 
 def test_every_diffusers_key_maps_to_one_of_ours(saved):

@@ -18,7 +18,8 @@ from pipelines.control import ControlUnit
 from pipelines.pipeline import Pipeline
 from reference import pipelines as dp
 from reference.models import randomize_
-from reference.sdxl import diffusers_sdxl_controlnet, random_sdxl_model, sdxl_cldm_tree, sdxl_pipeline
+from reference.sdxl import (diffusers_sdxl_controlnet, random_diffusers_sdxl_controlnet,
+                            random_sdxl_model, sdxl_cldm_tree, sdxl_pipeline)
 from reference.tiny import tiny_sdxl_tree
 from tests.pipelines.test_pipeline_parity import _u8, assert_close, assert_far
 
@@ -143,3 +144,27 @@ def test_inpaint_with_control_matches_diffusers(sides, kind):
     plain = side.ours.inpaint(PROMPT, image, mask, negative_prompt=NEGATIVE, scheduler="euler",
                               seed=SEED, progress=False, **kw)
     assert_far(plain.images[0], theirs, inside)
+
+
+def test_a_shallower_diffusers_controlnet_matches_diffusers(sides, tmp_path):
+    """A diffusers-layout ControlNet with fewer transformer blocks than the UNet (as diffusers'
+    smaller SDXL ControlNets have), loaded from its single file by path, as diffusers runs it."""
+    from safetensors.torch import save_file
+
+    side = sides()
+    theirs_net = random_diffusers_sdxl_controlnet(seed=7, depths=(1, 1))  # zero convs random too
+    path = tmp_path / "mid.safetensors"
+    save_file({k: v.contiguous() for k, v in theirs_net.state_dict().items()}, str(path))
+    hint = _hints(1)[0]
+    kw = dict(num_inference_steps=STEPS, guidance_scale=6.0, height=SIZE, width=SIZE)
+    unit = ControlUnit(str(path), hint, weight=0.9, resize_mode="just_resize")
+    ours = side.ours.txt2img(PROMPT, negative_prompt=NEGATIVE, scheduler="euler", seed=SEED,
+                             progress=False, control=[unit], **kw)
+    theirs = sdxl_pipeline(side.model, side.tree, dp.reference_scheduler("euler"), "txt2img",
+                           controlnet=theirs_net)(
+        PROMPT, image=hint, negative_prompt=NEGATIVE, controlnet_conditioning_scale=0.9,
+        generator=torch.Generator("cpu").manual_seed(SEED), **kw).images[0]
+    assert_close(ours.images[0], theirs)
+    plain = side.ours.txt2img(PROMPT, negative_prompt=NEGATIVE, scheduler="euler", seed=SEED,
+                              progress=False, **kw)
+    assert_far(plain.images[0], theirs)
