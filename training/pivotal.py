@@ -31,7 +31,7 @@ class Pivot:
 
     def __init__(self, model, token: str, init_word: str | None, vectors: int, note=print):
         from ldm.modules.tokenizer import tokenizer_for
-        from training.embedding import _row_numbers, check_token, init_vectors
+        from training.words import _row_numbers, check_token, init_vectors
 
         self.token, self.cfg = token, model.config.text
         self.tokenizer = tokenizer_for(model.config.text)
@@ -42,13 +42,13 @@ class Pivot:
     def captions(self, examples: list) -> list:
         """The training examples with the word in every caption (``[name]`` → the word; a caption
         without it gets ``"word, "`` in front), as the textual-inversion trainer does."""
-        from training.embedding import with_word
+        from training.words import with_word
 
         return [dataclasses.replace(ex, caption=with_word(self.tokenizer, ex.caption, self.token))
                 for ex in examples]
 
     def inputs(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from training.embedding import token_inputs
+        from training.words import token_inputs
 
         return token_inputs(self.cfg, self.tokenizer, self.words, captions)
 
