@@ -117,8 +117,6 @@ def output_paths(settings: EmbeddingSettings) -> tuple[Path, Path, Path]:
     return out, states, out.with_name(f"{out.stem}-validation")
 
 
-# ------------------------------------------------------------------------------ words and rows
-
 # ----------------------------------------------------------------------------------- the loss
 
 class Inversion(nn.Module):
