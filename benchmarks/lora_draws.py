@@ -192,7 +192,55 @@ def run_draw(d: Draw, args) -> dict:
     out["trained_colours"], out["trained_found"], _ = shares(pipe, trained, eval_seed, ring)
     out["unseen_colours"], out["unseen_found"], _ = shares(pipe, unseen, eval_seed + 1, ring)
     out["old_shapes"], out["old_found"], _ = shares(pipe, old, eval_seed + 2, old_shape)
+    if args.diffusers_check:
+        out["diffusers"] = diffusers_parity(lora, d.word, (trained + unseen)[::max(1, len(trained) * 2
+                                                                                  // args.diffusers_check)]
+                                            [:args.diffusers_check], eval_seed, work)
     return out
+
+
+def diffusers_parity(lora: Path, word: str, prompts: list[str], seed: int, workdir: Path) -> dict:
+    """The trained LoRA (and its word) in diffusers on the default model converted by diffusers'
+    own single-file code, against ours: mean and max 8-bit difference over ``prompts`` (DDIM with
+    SD's settings on both sides, the model's guidance and 25 steps)."""
+    import re
+
+    import numpy as np
+    import torch
+    import yaml
+    from diffusers import StableDiffusionPipeline
+
+    from benchmarks.load_checkpoint import write_diffusers_config_folder
+    from pipelines.pipeline import DEFAULT_CHECKPOINT, DEFAULT_CONFIG, Pipeline
+    from reference.pipelines import reference_scheduler
+
+    folder = workdir / "diffusers-config"
+    write_diffusers_config_folder(folder, yaml.safe_load(Path(DEFAULT_CONFIG).read_text()))
+    ref = StableDiffusionPipeline.from_single_file(str(DEFAULT_CHECKPOINT), config=str(folder),
+                                                   local_files_only=True, safety_checker=None)
+    ref.scheduler = reference_scheduler("ddim")
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(lora))
+    embedding = lora.with_name(f"{lora.stem}_emb.safetensors")
+    # diffusers adds an embedding as new tokens and refuses a word its vocabulary has (``ring``):
+    # it gets a token of its own there, written in its prompts instead of the word
+    token = f"<{word}>"
+    if embedding.is_file():
+        ref.load_textual_inversion(str(embedding), token=token)
+    pipe = Pipeline.from_checkpoint(None, device="cpu")
+    pipe.load_lora(lora)
+    kw = dict(num_inference_steps=25, guidance_scale=pipe.sampling_settings().guidance_scale)
+    diffs = []
+    for i, prompt in enumerate(prompts):
+        ours = pipe.txt2img(prompt, seed=seed + i, scheduler="ddim", progress=False, **kw).images[0]
+        asked = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", token, prompt)
+        theirs = ref(asked, generator=torch.Generator("cpu").manual_seed(seed + i), height=64,
+                     width=64, **kw).images[0]
+        a, b = (np.asarray(im.convert("RGB")).astype(np.int16) for im in (ours, theirs))
+        diffs.append(np.abs(a - b))
+    d = np.stack(diffs)
+    return {"images": len(prompts), "mean_abs_diff_255": round(float(d.mean()), 4),
+            "max_abs_diff_255": int(d.max())}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -217,6 +265,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rendered: 120 renders of the old shapes as --reg-data (default: none)")
     p.add_argument("--samples", type=int, default=48, help="prompts per figure (default 48)")
     p.add_argument("--check", type=int, default=8, help="prompts of the before/scale-0 check")
+    p.add_argument("--diffusers-check", type=int, default=0, metavar="N",
+                   help="also draw N prompts with the LoRA in diffusers and report the difference")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--workdir", default="/tmp/ldm-lora-draws")
     p.add_argument("--json", help="write the rows and their summary here")

@@ -7,13 +7,30 @@ checks the options, builds a :class:`training.lora.LoraSettings` and hands it to
 """
 from __future__ import annotations
 
+import argparse
+
 from cli.args import Parser, add_state_options, number, settings_from as args_settings
+
+
+RECIPE = """\
+recipe for a new concept (an object or shape the model does not know), measured on datasets
+nobody tuned it for (benchmarks/lora_draws.py, benchmarks/RESULTS.md):
+  ldm train-lora --data rings/ --reg-data shapes/ --output ring.safetensors \\
+      --token ring --init-word circle \\
+      --targets attn2.to_k attn2.to_v --rank 8 --learning-rate 3e-3 \\
+      --batch-size 8 --max-steps 1600 --min-snr-gamma 5 --cache-latents --flip
+  --token: pivotal tuning, the caption word the concept is called by (4 vectors at 1e-2 by
+  default); --init-word: the closest thing the model already draws; the LoRA on the
+  cross-attention keys and values only; --reg-data: pictures of what the model already draws
+  (or --class-prompt TEXT to have the model draw them).
+"""
 
 
 def build_parser(prog: str = "ldm train-lora") -> Parser:
     p = Parser(prog=prog, description="Fine-tune a LoRA on a folder of images with captions "
                "(name.png + name.txt, or a diffusers metadata.jsonl) and write it as a kohya-format "
-               ".safetensors file that diffusers, A1111 and ComfyUI load.")
+               ".safetensors file that diffusers, A1111 and ComfyUI load.",
+               epilog=RECIPE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, metavar="DIR",
                    help="training images and captions (kohya's N_name sub-folders repeat their "
                         "images N times)")
@@ -48,8 +65,8 @@ def _adapter_options(a) -> None:
                         "<output>_emb.safetensors and loaded with it")
     a.add_argument("--init-word", metavar="WORD",
                    help="the --token vectors start as this word's (default: the token's own)")
-    a.add_argument("--vectors", type=number(int, 1), default=1, metavar="N",
-                   help="vectors of the --token word (default: 1)")
+    a.add_argument("--vectors", type=number(int, 1), default=4, metavar="N",
+                   help="vectors of the --token word (default: 4)")
 
 
 def _optimisation_options(o) -> None:
@@ -68,7 +85,7 @@ def _optimisation_options(o) -> None:
     o.add_argument("--text-encoder-lr", type=number(float, 0, strict_low=True), metavar="LR",
                    help="learning rate of the text encoder's LoRA (default: --learning-rate)")
     o.add_argument("--embedding-lr", type=number(float, 0, strict_low=True), metavar="LR",
-                   help="learning rate of the --token vectors (default: --learning-rate)")
+                   help="learning rate of the --token vectors (default: 1e-2)")
     o.add_argument("--weight-decay", type=number(float, 0), default=1e-2, metavar="W")
     o.add_argument("--batch-size", type=number(int, 1), default=1, metavar="B",
                    help="images per step and process (default: 1)")

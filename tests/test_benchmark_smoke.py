@@ -84,3 +84,33 @@ def test_startup_measures_each_process_alone_and_reports(tmp_path, monkeypatch):
         "\n\n" + startup.HEADING + "\n\nnew 1\n", "\n")
     assert startup.replace_section(middle, "new 2") == \
         "# R\n\nintro\n\n## A\n\na\n\n" + startup.HEADING + "\n\nnew 2\n\n## B\n\nb\n"
+
+
+def test_lora_draws_vary_the_dataset_and_summarise(tmp_path):
+    """The concept benchmark's draws differ in what users' folders differ in, render what their
+    captions say, and a summary is over all draws (mean and worst)."""
+    from benchmarks.lora_draws import draw, make_data, summarize
+    from PIL import Image
+
+    from training.shapes import analyze
+
+    draws = [draw(s) for s in range(1, 9)]
+    assert draw(3) == draws[2]  # a function of the seed
+    assert len({d.colours for d in draws}) == 8 and {len(d.colours) for d in draws} <= {4, 5, 6}
+    assert {d.placement for d in draws} == {"named", "random"} and len({d.style for d in draws}) > 2
+    assert {d.word for d in draws} & {"ring"} and {d.word for d in draws} - {"ring"}
+    d = draws[0]
+    assert set(d.colours).isdisjoint(d.unseen) and len(d.colours) + len(d.unseen) == 8
+    make_data(d, tmp_path / "data", tmp_path / "priors", prior_count=6)
+    captions = sorted((tmp_path / "data").glob("*.txt"))
+    assert len(captions) == d.images and len(list((tmp_path / "priors").glob("*.png"))) == 6
+    for path in captions[:10]:
+        text = path.read_text().strip()
+        assert f" {d.word}" in f" {text}" and any(f"{c} {d.word}" in text for c in d.colours)
+        assert analyze(Image.open(path.with_suffix(".png")).convert("RGB")).shape == "ring"
+    row = {"draw": {"seed": 1}, "trained_colours": 0.9, "unseen_colours": 0.5, "old_shapes": 1.0,
+           "training_s": 100.0, "training_cpu_s": 90.0, "scale0_bit_identical": True}
+    summary = summarize([row, dict(row, unseen_colours=0.8, trained_colours=0.8)])
+    assert summary["unseen_colours"] == {"mean": 0.65, "worst": 0.5}
+    assert summary["trained_colours"]["worst"] == 0.8 and summary["passed"]
+    assert not summarize([row])["passed"]  # unseen 50 % < 60 %

@@ -24,6 +24,7 @@ from .loss import DiffusionLoss, noised_batch
 
 ADAPTER = "default"
 ADAPTER_FILE = "lora.safetensors"
+EMBEDDING_LR = 1e-2  # pivotal tuning's word rate unless --embedding-lr (benchmarks/RESULTS.md)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -62,7 +63,7 @@ class LoraSettings:
     # pivotal tuning: new vectors for this caption word, trained with the LoRA
     token: str | None = None
     init_word: str | None = None  # None: the token's own rows
-    vectors: int = 1
+    vectors: int = 4
     # optimisation
     max_steps: int = 1000
     learning_rate: float = 1e-4
@@ -70,7 +71,7 @@ class LoraSettings:
     lr_warmup_steps: int = 0
     lr_num_cycles: int = 1  # cosine_with_restarts: hard restarts
     text_encoder_lr: float | None = None  # None: --learning-rate
-    embedding_lr: float | None = None  # None: --learning-rate
+    embedding_lr: float | None = None  # None: EMBEDDING_LR
     weight_decay: float = 1e-2
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -357,7 +358,7 @@ def _parameters(model, params: list, settings: LoraSettings, denoiser: Denoiser)
         params = unet_params + [p for p in params if id(p) in text]
         groups.append((len(unet_params), settings.text_encoder_lr / settings.learning_rate))
     if denoiser.vectors is not None:
-        rate = settings.embedding_lr if settings.embedding_lr is not None else settings.learning_rate
+        rate = settings.embedding_lr if settings.embedding_lr is not None else EMBEDDING_LR
         groups.append((len(params), rate / settings.learning_rate))
         params = params + [denoiser.vectors]
     return params, tuple(groups)
