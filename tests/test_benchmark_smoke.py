@@ -89,9 +89,9 @@ def test_startup_measures_each_process_alone_and_reports(tmp_path, monkeypatch):
 def test_lora_draws_vary_the_dataset_and_summarise(tmp_path):
     """The concept benchmark's draws differ in what users' folders differ in, render what their
     captions say, and a summary is over all draws (mean and worst)."""
-    from benchmarks.lora_draws import draw, make_data, summarize
     from PIL import Image
 
+    from benchmarks.lora_draws import draw, make_data, summarize
     from training.shapes import analyze
 
     draws = [draw(s) for s in range(1, 9)]
@@ -114,3 +114,33 @@ def test_lora_draws_vary_the_dataset_and_summarise(tmp_path):
     assert summary["unseen_colours"] == {"mean": 0.65, "worst": 0.5}
     assert summary["trained_colours"]["worst"] == 0.8 and summary["passed"]
     assert not summarize([row])["passed"]  # unseen 50 % < 60 %
+
+
+def test_sdxl_load_benchmark_pieces_on_a_tiny_sdxl_file(tmp_path):
+    """The SDXL load benchmark's config folder lets diffusers' StableDiffusionXLPipeline read a tiny
+    SDXL base file offline, without a warning and with every weight equal to the file's (checked
+    through diffusers' own converters), and our side of the measurement runs on it. The bigG tower
+    is made wider than CLIP-L's here: at equal widths diffusers loads CLIP-L's weights into
+    text_encoder_2 (it tells the towers apart by width), which full-size files never have."""
+    import torch
+
+    from benchmarks.load_checkpoint import write_random_checkpoint
+    from benchmarks.load_sdxl import check_diffusers_load, measure_ours, write_sdxl_config_folder
+    from ldm.config import parse_config
+    from reference.tiny import tiny_sdxl_tree
+
+    tree = tiny_sdxl_tree()
+    p = tree["model"]["params"]
+    p["conditioner_config"]["params"]["emb_models"][1]["params"].update(width=48, projection_dim=48)
+    p["network_config"]["params"].update(context_dim=32 + 48, adm_in_channels=48 + 6 * 8)
+    cfg = parse_config(tree, "tiny sdxl, wider bigG")
+    path = write_random_checkpoint(tmp_path / "tiny-sdxl.safetensors", cfg, dtype=torch.float16)
+    folder = write_sdxl_config_folder(tmp_path / "cfg", tree)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    check = check_diffusers_load(path, folder)
+    assert set(check["components"]) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    assert check["dtype"] == "torch.float16"
+    result = measure_ours(path, config=cfg, dtype=torch.float16)
+    assert result["load_s"] > 0 and result["peak_rss_bytes"] > 0
