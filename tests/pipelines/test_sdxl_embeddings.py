@@ -182,3 +182,29 @@ def test_the_refiner_takes_the_clip_g_vectors(tmp_path):
     from reference.tokenizer import clip_tokenizer
 
     assert WORD not in clip_tokenizer("!", 77).get_vocab()  # the shared tokenizers stay as built
+
+
+def test_an_sdxl_lora_brings_its_bundled_sdxl_embedding(base, tmp_path):
+    """A1111's bundled embeddings (``bundle_emb.WORD.clip_l`` / ``.clip_g``) in an SDXL LoRA file
+    are prompt words while it is loaded, condition as the same vectors in a file; a one-tower
+    bundle is refused before anything is applied."""
+    from ldm.lora import lora_adapters
+    from tests.pipelines.test_sdxl_lora import _xl_lora
+
+    model, _, path = base
+    tensors = load_file(str(_xl_lora(model, tmp_path / "l.safetensors")))
+    tensors.update({f"bundle_emb.{WORD}.{k}": v for k, v in load_file(path).items()})
+    save_file(tensors, tmp_path / "bundled.safetensors")
+    pipe = Pipeline(model, device="cpu")
+    name = pipe.load_lora(tmp_path / "bundled.safetensors", scale=0.0)  # the word alone
+    args = ([f"a {WORD} circle"], [""], 0, 1, SIZE, SIZE, False, torch.float32)
+    with_lora = sdxl_conditioning(model, *args, embeddings=pipe.embeddings)[0]
+    assert torch.equal(with_lora, _ours(model, f"a {WORD} circle", "", path)[0][1:])
+    pipe.unload_lora(name)
+    assert WORD not in pipe.embeddings
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")}
+    tensors[f"bundle_emb.{WORD}.string_to_param.*"] = torch.zeros(2, 32)
+    save_file(tensors, tmp_path / "one.safetensors")
+    with pytest.raises(CheckpointError, match=r"one.safetensors.*one set of vectors, 32 wide"):
+        pipe.load_lora(tmp_path / "one.safetensors")
+    assert lora_adapters(pipe.model) == {} and WORD not in pipe.embeddings
