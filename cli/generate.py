@@ -340,6 +340,8 @@ def _generate(args) -> int:
 
         refiner = Pipeline.from_checkpoint(args.refiner, device=args.device, dtype=args.dtype,
                                            attention=args.attention)
+        # one embeddings folder for both models, as A1111's: the refiner takes an SDXL file's clip_g
+        refiner.embeddings_dir = pipe.embeddings_dir
         generate = lambda prompt, **kw: a1111_args.refined(  # noqa: E731
             pipe, refiner, prompt, kw, args.refiner_switch)
     steps = pipe.sampling_settings(args.steps).num_inference_steps

@@ -6,7 +6,8 @@ Files are read in the layouts people have them in:
   read with ``torch.load(weights_only=True)``) and ``.safetensors`` (``emb_params: (n, width)``);
 - diffusers' ``learned_embeds.safetensors``/``.bin`` (one key, the token, holding ``(width,)`` or
   ``(n, width)``);
-- SDXL files (``clip_l`` and ``clip_g``), recognised and refused on the one-tower models here.
+- SDXL files (A1111's layout: ``clip_l`` (n, 768) for the CLIP-L tower and ``clip_g`` (n, 1280)
+  for OpenCLIP bigG, safetensors), used on SDXL models only; a one-tower file is refused there.
 
 The word is the file's stem, as in A1111. The vectors replace the word's token rows in the text
 encoder's token embedding for the call that encodes it (:func:`overridden`), so nothing is added to
@@ -15,6 +16,7 @@ the model's weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,17 +26,35 @@ from .weights_io import CheckpointError, file_error
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
 SDXL_KEYS = ("clip_l", "clip_g")
+# an SDXL text tower's key in the files, by tower kind (A1111's ``textual_inversion_key``)
+TOWER_KEYS = {"clip": "clip_l", "openclip": "clip_g"}
 
 
 @dataclass(frozen=True)
 class TextualInversion:
     name: str  # the prompt word
-    vectors: torch.Tensor  # (n, width), float32
+    vectors: torch.Tensor  # (n, width), float32; an SDXL file's: clip_l and clip_g side by side
     path: Path | None = None
+    # an SDXL file: each tower's (n, width) vectors by key (clip_l, clip_g); None for one tower
+    parts: dict | None = None
 
     @property
     def width(self) -> int:
+        """The vectors' width; an SDXL file's is the towers' summed, as A1111 reports its shape."""
         return int(self.vectors.shape[-1])
+
+    def describe(self) -> str:
+        if self.parts is None:
+            return f"has one set of vectors, {self.width} wide"
+        return "is an SDXL embedding (" + " and ".join(
+            f"{k} {v.shape[-1]}" for k, v in self.parts.items()) + " wide)"
+
+    def tower(self, key: str) -> "TextualInversion":
+        """The embedding as one tower sees it: its vectors for ``key`` (clip_l or clip_g)."""
+        if self.parts is None or key not in self.parts:
+            raise CheckpointError(f"embedding {self.name!r} ({self.path}) {self.describe()}; "
+                                  f"an SDXL text tower needs {key} vectors")
+        return TextualInversion(self.name, self.parts[key], self.path)
 
 
 def _read(path: Path) -> dict:
@@ -60,8 +80,6 @@ def vectors_from(data, path: Path) -> torch.Tensor:
         tensor = next(iter(params.values()))
     elif "emb_params" in data:  # A1111 .safetensors
         tensor = data["emb_params"]
-    elif any(k in data for k in SDXL_KEYS):
-        raise file_error(path, "an SDXL embedding (clip_l/clip_g); this model has one text encoder")
     else:  # diffusers: a single token → tensor
         tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
         if len(tensors) != 1:
@@ -73,15 +91,55 @@ def vectors_from(data, path: Path) -> torch.Tensor:
     return tensor.detach().float().reshape(-1, tensor.shape[-1]).clone()
 
 
-def load_embedding(path, width: int | None = None) -> TextualInversion:
-    """One embedding file; ``width`` (the text encoder's) refuses vectors of another width."""
+def sdxl_parts(data, path: Path) -> dict | None:
+    """An SDXL file's vectors by tower key (both, the same count), or None for other layouts."""
+    if not isinstance(data, dict) or not any(k in data for k in SDXL_KEYS):
+        return None
+    parts = {k: data.get(k) for k in SDXL_KEYS}
+    if not all(isinstance(v, torch.Tensor) and v.dim() == 2 and v.numel() for v in parts.values()):
+        raise file_error(path, "an SDXL embedding needs clip_l and clip_g, each an (n, width) tensor")
+    if parts["clip_l"].shape[0] != parts["clip_g"].shape[0]:
+        raise file_error(path, f"clip_l has {parts['clip_l'].shape[0]} vectors but clip_g "
+                         f"{parts['clip_g'].shape[0]}; an SDXL embedding has the same number for both")
+    return {k: v.detach().float().clone() for k, v in parts.items()}
+
+
+def embedding_from(name: str, data, path: Path) -> TextualInversion:
+    """The embedding in one file's contents (any layout above)."""
+    parts = sdxl_parts(data, path)
+    if parts is not None:
+        return TextualInversion(name, torch.cat(list(parts.values()), dim=-1), path, parts)
+    return TextualInversion(name, vectors_from(data, path), path)
+
+
+def check_fits(emb: TextualInversion, width: int | dict) -> None:
+    """Refuse an embedding that was not made for the model: ``width`` is a one-tower model's text
+    width, or an SDXL model's tower widths by key (``{"clip_l": 768, "clip_g": 1280}``; the
+    refiner has only clip_g). A1111 skips such files; here the prompt names them, so it is an error."""
+    if isinstance(width, dict):
+        fits = emb.parts is not None and all(
+            k in emb.parts and emb.parts[k].shape[-1] == w for k, w in width.items())
+        model = "this SDXL model's text encoders take " + " and ".join(
+            f"{k} {w}" for k, w in width.items()) + " wide vectors"
+    else:
+        fits = emb.parts is None and emb.width == width
+        model = f"this model's text encoder is {width} wide"
+    if not fits:
+        hint = "made for SDXL?" if emb.parts is not None and not isinstance(width, dict) else \
+            "made for SD1/SD2?" if emb.parts is None and isinstance(width, dict) else \
+            "made for another model?"
+        raise CheckpointError(f"embedding {emb.name!r} ({emb.path}) {emb.describe()}; {model} "
+                              f"({hint})")
+
+
+def load_embedding(path, width: int | dict | None = None) -> TextualInversion:
+    """One embedding file; ``width`` (the model's, see :func:`check_fits`) refuses others."""
     path = Path(path)
     if not path.is_file():
         raise file_error(path, "no such file")
-    emb = TextualInversion(path.stem, vectors_from(_read(path), path), path)
-    if width is not None and emb.width != width:
-        raise CheckpointError(f"embedding {emb.name!r} ({path}) has vectors {emb.width} wide; this "
-                              f"model's text encoder is {width} wide (made for another model?)")
+    emb = embedding_from(path.stem, _read(path), path)
+    if width is not None:
+        check_fits(emb, width)
     return emb
 
 
@@ -151,12 +209,12 @@ def lora_embeddings(path) -> list[TextualInversion]:
                     part.setdefault("string_to_param", {})[rest.split(".", 1)[1]] = f.get_tensor(key)
                 else:
                     part[rest] = f.get_tensor(key)
-    out = [TextualInversion(word, vectors_from(data, path), path) for word, data in found.items()]
+    out = [embedding_from(word, data, path) for word, data in found.items()]
     word, name = meta.get("ldm_embedding_token"), meta.get("ldm_embedding_file")
     if word and name:
         file = path.with_name(name)
         if not file.is_file():
             raise file_error(path, f"its embedding for {word!r} should be beside it as {name}, "
                              "but that file is missing")
-        out.append(TextualInversion(word, load_embedding(file).vectors, file))
+        out.append(dataclasses.replace(load_embedding(file), name=word))
     return out

@@ -164,17 +164,12 @@ class Pipeline:
     def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
         """Apply a LoRA file (kohya or peft/diffusers layout) without merging it; returns its
         name. Several may be loaded, each with its own scale; images record them."""
-        from ldm.embeddings import lora_embeddings, token_embedding
+        from ldm.embeddings import check_fits, lora_embeddings
         from ldm.lora import apply_lora
-        from ldm.weights_io import CheckpointError
 
         words = lora_embeddings(path) if isinstance(path, (str, Path)) else []
-        width = token_embedding(self.model.cond_stage_model).embedding_dim \
-            if words and not self.model.config.is_sdxl else None
-        for emb in words:  # checked before anything is applied
-            if width is None or emb.width != width:
-                raise CheckpointError(f"{path}: its embedding {emb.name!r} is {emb.width} wide; this "
-                                      f"model's text encoder takes {width}")
+        for emb in words:  # checked before anything is applied; the error names the file
+            check_fits(emb, self.text_widths())
         name = apply_lora(self.model, path, scale=scale, name=name)
         for emb in words:  # pivotal tuning / A1111's bundled embeddings: prompt words
             self.embeddings[emb.name] = emb
@@ -371,11 +366,10 @@ class Pipeline:
             from .sdxl import check_mode, sdxl_conditioning
 
             check_mode(self.model.conditioner.config, request.mode)
-            if self.embeddings_in(request):
-                raise ValueError("textual-inversion embeddings are not supported on SDXL models yet")
             return sdxl_conditioning(self.model, request.prompt, request.negative_prompt,
                                      request.clip_skip, request.num_images, request.height,
-                                     request.width, guidance.enabled, self.dtype, request.sdxl)
+                                     request.width, guidance.enabled, self.dtype, request.sdxl,
+                                     self.embeddings_in(request))
         if request.sdxl is not None:
             raise ValueError("sdxl (size and aesthetic conditioning) is for SDXL models")
         cond, uncond = encode_prompts(self.model, request.prompt, request.negative_prompt,
@@ -410,14 +404,23 @@ class Pipeline:
     # ------------------------------------------------------------------ textual inversion
     def load_embedding(self, path, name: str | None = None) -> str:
         """Make an embedding file's vectors a prompt word (its file stem unless ``name`` is
-        given); one of another text-encoder width is refused. Returns the word."""
+        given); one made for another model (text-encoder widths, SDXL's two towers) is refused.
+        Returns the word."""
         from ldm.embeddings import load_embedding
-        from ldm.embeddings import token_embedding as layer
 
-        emb = load_embedding(path, layer(self.model.cond_stage_model).embedding_dim)
+        emb = load_embedding(path, self.text_widths())
         word = name or emb.name
         self.embeddings[word] = dataclasses.replace(emb, name=word)
         return word
+
+    def text_widths(self) -> int | dict:
+        """What an embedding must fit: the text encoder's width, or on SDXL each tower's width by
+        its key in SDXL embedding files (clip_l, clip_g)."""
+        from ldm.embeddings import TOWER_KEYS, token_embedding
+
+        if self.model.config.is_sdxl:
+            return {TOWER_KEYS[t.kind]: t.width for t in self.model.config.conditioner.texts}
+        return token_embedding(self.model.cond_stage_model).embedding_dim
 
     def _idle_lora_words(self) -> set[str]:
         """Words of embeddings that came with a LoRA now at scale 0: they keep the base model's

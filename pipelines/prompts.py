@@ -224,6 +224,20 @@ def chunk_ids(chunk: Chunk, pad_id: int, length: int = 77,
     return ids, [1.0, *chunk.weights, 1.0] + [1.0] * pad
 
 
+def embedding_overrides(chunks: list[Chunk], shape) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The token rows that embeddings replace in the ids of ``chunks`` (one row each, laid out by
+    :func:`chunk_ids`): (mask of ``shape``, vectors in row-major order), for
+    :func:`ldm.embeddings.overridden`; None when no chunk holds an embedding."""
+    vectors = [(r, 1 + j, v) for r, c in enumerate(chunks) for j, v in enumerate(c.embeds or ())
+               if v is not None]
+    if not vectors:
+        return None
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for r, j, _ in vectors:
+        mask[r, j] = True
+    return mask, torch.stack([v for _, _, v in vectors])
+
+
 def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Scale each token's embedding by its weight, then restore each row's mean (A1111's rule).
 
@@ -281,16 +295,12 @@ def encode_prompts(model, prompts: list[str], negatives: list[str], clip_skip: i
         rows = [chunk_ids(c, cfg.pad_token_id, cfg.max_length, SOT, EOT) for c in chunks]
         ids = torch.tensor([r[0] for r in rows])
         weights = torch.tensor([r[1] for r in rows])
-        vectors = [(r, 1 + j, v) for r, c in enumerate(chunks) for j, v in enumerate(c.embeds or ())
-                   if v is not None]
-        if not vectors:
+        overrides = embedding_overrides(chunks, ids.shape)
+        if overrides is None:
             return apply_weights(model.get_learned_conditioning(ids, clip_skip), weights)
         from ldm.embeddings import overridden
 
-        mask = torch.zeros(ids.shape, dtype=torch.bool)
-        for r, j, _ in vectors:
-            mask[r, j] = True
-        with overridden(model.cond_stage_model, mask, torch.stack([v for _, _, v in vectors])):
+        with overridden(model.cond_stage_model, *overrides):
             return apply_weights(model.get_learned_conditioning(ids, clip_skip), weights)
 
     with torch.no_grad():

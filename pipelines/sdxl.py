@@ -11,13 +11,14 @@ prompt is given (its SDXL base models ship with that switch on, the refiner with
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from ldm.modules.tokenizer import EOT, SOT, tokenizer_for
 
-from .prompts import Chunk, apply_weights, chunk_ids, tokenize_prompt
+from .prompts import Chunk, apply_weights, chunk_ids, embedding_overrides, tokenize_prompt
 
 AESTHETIC_SCORE = 6.0
 NEGATIVE_AESTHETIC_SCORE = 2.5
@@ -83,25 +84,39 @@ def force_zeros_for_empty_prompt(cfg) -> bool:
     return any(t.kind == "clip" for t in cfg.texts)
 
 
-def _encode(model, texts: list[str], clip_skip: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _encode(model, texts: list[str], clip_skip: int, embeddings=None
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """text → (context (1, 77·k, width), pooled (1, dim)) for each distinct text, all padded to the
-    same k chunks with empty-prompt chunks (as pipelines.prompts.encode_prompts)."""
+    same k chunks with empty-prompt chunks (as pipelines.prompts.encode_prompts). ``embeddings``
+    (word → SDXL TextualInversion): each tower's rows at the word take that tower's vectors
+    (clip_l, clip_g), as A1111 and diffusers' two ``load_textual_inversion`` calls do."""
+    from ldm.embeddings import TOWER_KEYS, overridden
+
     cond = model.conditioner
     towers = cond.config.texts
     tokenizer = tokenizer_for(towers[0])
     length = towers[0].max_length
-    chunked = {t: tokenize_prompt(tokenizer, t, length - 2) for t in dict.fromkeys(texts)}
-    k = max(len(c) for c in chunked.values())
+    # one tokenisation per tower: the same tokens and chunks (an SDXL file has as many clip_l as
+    # clip_g vectors), each with its tower's vectors under the word
+    views = [{w: e.tower(TOWER_KEYS[t.kind]) for w, e in (embeddings or {}).items()} for t in towers]
+    chunked = {t: [tokenize_prompt(tokenizer, t, length - 2, embeddings=v) for v in views]
+               for t in dict.fromkeys(texts)}
+    k = max(len(c[0]) for c in chunked.values())
     out = {}
     with torch.no_grad():
-        for text, chunks in chunked.items():
-            chunks = chunks + [Chunk([], [])] * (k - len(chunks))
-            ids, weights = [], None
-            for tower in towers:
+        for text, per_tower in chunked.items():
+            ids, weights, overrides = [], None, []
+            for tower, chunks in zip(towers, per_tower):
+                chunks = chunks + [Chunk([], [])] * (k - len(chunks))
                 rows = [chunk_ids(c, tower.pad_token_id, tower.max_length, SOT, EOT) for c in chunks]
                 ids.append(torch.tensor([r[0] for r in rows]))
                 weights = torch.tensor([r[1] for r in rows])
-            hidden, pooled = cond(ids, clip_skip)  # the pooled vector: the first chunk's (A1111)
+                overrides.append(embedding_overrides(chunks, ids[-1].shape))
+            with contextlib.ExitStack() as stack:
+                for module, override in zip(cond.text_embedders, overrides):
+                    if override is not None:
+                        stack.enter_context(overridden(module, *override))
+                hidden, pooled = cond(ids, clip_skip)  # the pooled vector: the first chunk's (A1111)
             states = [apply_weights(h, weights) for h in hidden]
             context = torch.cat([s.to(states[-1].dtype) for s in states], dim=-1)
             out[text] = (context.reshape(1, -1, context.shape[-1]), pooled[:1])
@@ -118,9 +133,10 @@ def check_mode(cfg, mode: str) -> None:
 
 def sdxl_conditioning(model, prompts: list[str], negatives: list[str], clip_skip: int,
                       num_images: int, height: int, width: int, guidance: bool,
-                      dtype: torch.dtype, sizes: SizeConditioning | None = None
+                      dtype: torch.dtype, sizes: SizeConditioning | None = None, embeddings=None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context, y) of every image: rows [uncond, cond] with guidance, else cond."""
+    """(context, y) of every image: rows [uncond, cond] with guidance, else cond; ``embeddings``:
+    textual-inversion words (SDXL files) usable in prompts and negative prompts."""
     cfg = model.conditioner.config
     sizes = sizes or SizeConditioning()
     prompts, negatives = list(prompts), list(negatives)  # the request holds tuples
@@ -128,7 +144,7 @@ def sdxl_conditioning(model, prompts: list[str], negatives: list[str], clip_skip
         negatives = negatives * len(prompts)
     if len(negatives) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
-    encoded = _encode(model, prompts + (negatives if guidance else []), clip_skip)
+    encoded = _encode(model, prompts + (negatives if guidance else []), clip_skip, embeddings)
 
     def half(texts: list[str], negative: bool, zeros: bool):
         context = torch.cat([encoded[t][0] for t in texts]).repeat_interleave(num_images, 0)

@@ -99,7 +99,8 @@ class Server:
     def embedding_list(self) -> dict:
         """A1111's /embeddings: the textual-inversion files prompts may name, by word; those made
         for another text-encoder width are "skipped"."""
-        from ldm.embeddings import find_embeddings, load_embedding
+        from ldm.embeddings import check_fits, find_embeddings, load_embedding
+        from ldm.weights_io import CheckpointError
 
         if self.worker.pipeline(0) is None and getattr(self, "loading", None) is not None:
             try:  # the width of the model's text encoder decides what is usable
@@ -109,8 +110,7 @@ class Server:
         pipe = self.worker.pipeline(0)
         folder = self.config.embeddings_dir or (pipe.embeddings_dir if pipe else None)
         out: dict = {"loaded": {}, "skipped": {}}
-        text = getattr(pipe.model.config, "text", None) if pipe is not None else None
-        width = getattr(text, "width", None)
+        widths = pipe.text_widths() if pipe is not None else None  # SDXL: each tower's
         for word, path in (find_embeddings(folder) if folder else {}).items():
             try:
                 emb = load_embedding(path)
@@ -118,7 +118,12 @@ class Server:
                 continue
             entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                      "shape": emb.width, "vectors": int(emb.vectors.shape[0])}
-            out["loaded" if width in (None, emb.width) else "skipped"][word] = entry
+            try:
+                if widths is not None:
+                    check_fits(emb, widths)
+                out["loaded"][word] = entry
+            except CheckpointError:
+                out["skipped"][word] = entry
         return out
 
     def model_list(self) -> list[dict]:
