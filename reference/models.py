@@ -166,24 +166,31 @@ def max_error(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float
     return (ours - reference).abs().max().item(), reference.abs().max().item()
 
 
-def diffusers_controlnet(tree: dict, state_dict: dict):
-    """diffusers' ControlNetModel holding ``state_dict`` (original keys), converted by diffusers.
-
-    The config is ``create_controlnet_diffusers_config_from_ldm``'s, built from
-    ``create_unet_diffusers_config_from_ldm`` as that function does: in diffusers 0.42.1 it calls
-    the latter without the checkpoint and raises a TypeError (FACTS.md).."""
+def controlnet_model(tree: dict, unet: dict):
+    """An empty diffusers ControlNetModel for a cldm ``tree``, its config taken from ``unet`` (a
+    ``create_unet_diffusers_config_from_ldm`` dict) as ``create_controlnet_diffusers_config_from_ldm``
+    takes it."""
     from diffusers import ControlNetModel
-    from diffusers.loaders.single_file_utils import (convert_controlnet_checkpoint,
-                                                     create_unet_diffusers_config_from_ldm)
 
-    unet = create_unet_diffusers_config_from_ldm(tree, state_dict)
     hint = tree["model"]["params"]["control_stage_config"]["params"]["hint_channels"]
     config = {"conditioning_channels": hint, **{k: unet[k] for k in (
         "in_channels", "down_block_types", "block_out_channels", "layers_per_block",
         "cross_attention_dim", "attention_head_dim", "use_linear_projection", "class_embed_type",
         "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
         "transformer_layers_per_block")}}
-    model = ControlNetModel(**config)
+    return ControlNetModel(**config)
+
+
+def diffusers_controlnet(tree: dict, state_dict: dict):
+    """diffusers' ControlNetModel holding ``state_dict`` (original keys), converted by diffusers.
+
+    The config is ``create_controlnet_diffusers_config_from_ldm``'s, built from
+    ``create_unet_diffusers_config_from_ldm`` as that function does: in diffusers 0.42.1 it calls
+    the latter without the checkpoint and raises a TypeError (FACTS.md).."""
+    from diffusers.loaders.single_file_utils import (convert_controlnet_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm)
+
+    model = controlnet_model(tree, create_unet_diffusers_config_from_ldm(tree, state_dict))
     converted = convert_controlnet_checkpoint(state_dict, dict(model.config))
     model.load_state_dict(converted, strict=True)
     return model.eval()

@@ -49,21 +49,16 @@ def diffusers_sdxl_controlnet(tree: dict, cfg: ModelConfig, state_dict: dict):
     ``label_emb`` (0.42.1 copies only its "layers" table; diffusers reads SDXL ControlNets in its
     own layout only): that one is copied by diffusers' own ``DIFFUSERS_TO_LDM_MAPPING["controlnet"]
     ["addition_embed_type"]`` table."""
-    from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING,
                                                      convert_controlnet_checkpoint,
                                                      create_unet_diffusers_config_from_ldm)
 
+    from reference.models import controlnet_model
+
     unet = create_unet_diffusers_config_from_ldm(tree, state_dict)
     outdim = next(e.outdim for e in cfg.conditioner.embedders if e.text is None)
     unet.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=outdim)
-    hint = tree["model"]["params"]["control_stage_config"]["params"]["hint_channels"]
-    config = {"conditioning_channels": hint, **{k: unet[k] for k in (
-        "in_channels", "down_block_types", "block_out_channels", "layers_per_block",
-        "cross_attention_dim", "attention_head_dim", "use_linear_projection", "class_embed_type",
-        "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-        "transformer_layers_per_block")}}
-    model = ControlNetModel(**config)
+    model = controlnet_model(tree, unet)
     converted = convert_controlnet_checkpoint(state_dict, dict(model.config))
     bare = {k.removeprefix("control_model."): v for k, v in state_dict.items()}
     for theirs, ours in DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"].items():
