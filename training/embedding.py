@@ -31,6 +31,7 @@ from torch import nn
 from .engine import Engine, PerStep, RunSettings, Schedule, Summary, Task, TrainingError, weight_dtype
 from .settings import as_paths, check_fields
 from .loss import DiffusionLoss, noised_batch
+from .lora import Denoiser
 from .words import (NAME_PLACEHOLDER, _row_numbers, check_token, contains_word,  # noqa: F401
                     init_vectors, token_inputs, with_word)
 
@@ -119,25 +120,14 @@ def output_paths(settings: EmbeddingSettings) -> tuple[Path, Path, Path]:
 
 # ----------------------------------------------------------------------------------- the loss
 
-class Inversion(nn.Module):
+class Inversion(Denoiser):
     """What Accelerate wraps (and DDP synchronises): the learned vectors, with the frozen text
-    encoder and UNet they pass through."""
-
-    def __init__(self, model, vectors: torch.Tensor):
-        super().__init__()
-        self.vectors = nn.Parameter(vectors.float())
-        self.wrapper = model.model
-        self.text = model.cond_stage_model
+    encoder and UNet they pass through (the LoRA trainer's pivotal-tuning module, no adapter)."""
 
     def forward(self, x_t, t, ids, mask, rows):
         """``ids`` (B·k, 77): k chunk rows per caption; ``mask`` marks the word's positions and
         ``rows`` the learned row for each of them, in row-major order."""
-        from ldm.embeddings import overridden
-
-        with overridden(self.text, mask, self.vectors[rows]):
-            context = self.text(ids)
-        context = context.reshape(x_t.shape[0], -1, context.shape[-1])
-        return self.wrapper(x_t, t, context)
+        return super().forward(x_t, t, tokens=ids, mask=mask, rows=rows)
 
 
 class InversionLoss:
